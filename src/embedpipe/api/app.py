@@ -1,0 +1,58 @@
+"""``create_app(settings)``: the FastAPI application, its lifespan and its routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from embedpipe import __version__
+from embedpipe.api import openai, ops, simple
+from embedpipe.api.deps import ClientGone
+from embedpipe.api.errors import install_error_handlers
+from embedpipe.api.middleware import (
+    BodyLimitMiddleware,
+    JsonByDefaultMiddleware,
+    RequestIdMiddleware,
+)
+from embedpipe.runtime import Runtime
+from embedpipe.settings import Settings
+
+
+def _client_gone(_: Request, __: Exception) -> Response:
+    # Nobody reads this; 499 (nginx's "client closed request") keeps access logs honest.
+    return Response(status_code=499)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.open(settings)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = FastAPI(
+        title="embedpipe",
+        version=__version__,
+        summary="Text embeddings as a service: OpenAI-compatible, batched, cached.",
+        lifespan=lifespan,
+    )
+    app.include_router(openai.router)
+    app.include_router(simple.router)
+    app.include_router(ops.router)
+    install_error_handlers(app)
+    app.add_exception_handler(ClientGone, _client_gone)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(JsonByDefaultMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (several workers): settings from the environment."""
+    return create_app(Settings())

@@ -1,0 +1,125 @@
+"""The one mapping from errors to HTTP: OpenAI's envelope everywhere, never a stack trace.
+
+``{"error": {"message", "type", "param", "code"}}``
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from embedpipe.errors import (
+    EmbedpipeError,
+    InvalidInput,
+    ModelFailed,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+)
+
+log = logging.getLogger("embedpipe.api")
+
+# error class -> (status, OpenAI error type)
+_STATUS: dict[type[EmbedpipeError], tuple[int, str]] = {
+    InvalidInput: (400, "invalid_request_error"),
+    ModelNotFound: (404, "invalid_request_error"),
+    Overloaded: (503, "server_overloaded"),
+    NotReady: (503, "service_unavailable"),
+    ModelFailed: (500, "server_error"),
+}
+
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _domain_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EmbedpipeError)
+    status, type_ = next(
+        (mapped for cls, mapped in _STATUS.items() if isinstance(exc, cls)),
+        (500, "server_error"),
+    )
+    headers = None
+    if isinstance(exc, Overloaded | NotReady):
+        retry_after = exc.retry_after if isinstance(exc, Overloaded) else 1.0
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    return error_response(
+        status, exc.message, type_=type_, param=exc.param, code=exc.code, headers=headers
+    )
+
+
+def _location(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(part) for part in loc if part not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def _validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = tuple(first.get("loc", ()))
+    param = _location(loc)
+    kind = first.get("type", "")
+    if kind in ("json_invalid", "value_error.jsondecode"):
+        message = "The request body is not valid JSON."
+        param = None
+    elif kind == "missing" and loc == ("body",):
+        message = "The request body is missing; send a JSON object."
+    else:
+        reason = first.get("msg", "is invalid")
+        message = f"'{param}': {reason}." if param else f"Invalid request: {reason}."
+    return error_response(400, message, type_="invalid_request_error", param=param)
+
+
+def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    detail = exc.detail if isinstance(exc.detail, str) else "Request failed."
+    if status == 404 and detail == "Not Found":
+        detail = "Unknown route."
+    type_ = _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return error_response(status, detail, type_=type_, headers=dict(exc.headers or {}) or None)
+
+
+def _unexpected_error(request: Request, exc: Exception) -> Response:
+    # The details stay in the log; the client gets a generic message.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        500, "The server had an error processing your request.", type_="server_error"
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(EmbedpipeError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,108 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it breaks streaming and cancellation)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedpipe.api.errors import error_response
+
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while reading the body; FastAPI re-raises HTTPExceptions as they are."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than {limit} bytes.")
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_bytes``: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    response = error_response(
+                        413,
+                        f"The request body is larger than {self.max_bytes} bytes.",
+                        type_="invalid_request_error",
+                    )
+                    await response(scope, receive, send)
+                    return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class RequestIdMiddleware:
+    """Every response carries ``x-request-id`` (the client's, if it sent a sane one)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id" and _SANE_REQUEST_ID.fullmatch(value):
+                request_id = value.decode("ascii")
+        request_id = request_id or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("ascii")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class JsonByDefaultMiddleware:
+    """Treat a POST body without a JSON content type as JSON.
+
+    ``curl -d '{...}'`` sends ``application/x-www-form-urlencoded``; every POST route here
+    except file uploads takes JSON, so reading it as JSON beats a confusing 400.
+    """
+
+    _LENIENT = (b"", b"application/x-www-form-urlencoded", b"text/plain")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            given = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+            if given.split(b";")[0].strip().lower() in self._LENIENT:
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                headers.append((b"content-type", b"application/json"))
+                scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)

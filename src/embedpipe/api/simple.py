@@ -1,0 +1,70 @@
+"""The simple API: ``POST /embed`` and ``POST /embed/batch``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from embedpipe.api.deps import get_runtime, json_response, unless_disconnected
+from embedpipe.api.schemas import (
+    EmbedBatchRequest,
+    EmbedBatchResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ErrorBody,
+)
+from embedpipe.errors import InvalidInput
+from embedpipe.inputs import check_text
+from embedpipe.runtime import Runtime
+
+router = APIRouter(tags=["Simple"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorBody} for status in (400, 404, 413, 503)
+}
+
+
+@router.post("/embed", response_model=EmbedResponse, responses=_ERRORS)
+async def embed_one(
+    body: EmbedRequest, request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
+) -> Response:
+    """One text in, one vector out; ``cached`` says whether the model was spared."""
+    check_text(body.text, None, runtime.settings.limits, param="text")
+    model = body.model or runtime.default_model
+    result = await unless_disconnected(request, runtime.service.embed(model, [body.text]))
+    return json_response(
+        {
+            "embedding": result.vectors[0],
+            "cached": result.sources[0] != "computed",
+            "model": result.model,
+        }
+    )
+
+
+@router.post("/embed/batch", response_model=EmbedBatchResponse, responses=_ERRORS)
+async def embed_batch(
+    body: EmbedBatchRequest, request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
+) -> Response:
+    """Many texts in, vectors out in the same order."""
+    limits = runtime.settings.limits
+    if not body.texts:
+        raise InvalidInput("'texts' must not be an empty list.", param="texts")
+    if len(body.texts) > limits.max_inputs:
+        raise InvalidInput(
+            f"'texts' holds {len(body.texts)} items; at most {limits.max_inputs} are allowed.",
+            param="texts",
+        )
+    for index, text in enumerate(body.texts):
+        check_text(text, index, limits, param="texts")
+    model = body.model or runtime.default_model
+    result = await unless_disconnected(request, runtime.service.embed(model, body.texts))
+    return json_response(
+        {
+            "embeddings": result.vectors,
+            "count": len(body.texts),
+            "cached_count": result.cached_count,
+            "model": result.model,
+        }
+    )

@@ -1,0 +1,189 @@
+"""The micro-batcher: coalesces texts of concurrent requests into model calls.
+
+One batcher per model. Texts wait in a bounded queue; a single loop task forms a batch
+(up to ``max_batch_size`` texts and ``max_batch_tokens`` padded tokens, after at most
+``max_wait_ms`` for company) and runs it on the model's own thread, one call at a time.
+
+On CPU the waste is padding: a batch is padded to its longest text. So a batch is formed
+around the oldest waiting text (nothing starves) from the texts whose token lengths are
+closest to it, not in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedpipe import metrics
+from embedpipe.embedders.base import Embedder
+from embedpipe.errors import ModelFailed, NotReady, Overloaded
+from embedpipe.settings import BatchingSettings
+
+log = logging.getLogger("embedpipe.batcher")
+
+
+@dataclass(eq=False, slots=True)
+class PendingText:
+    """One text waiting for the model; its future may be shared by several requests."""
+
+    text: str
+    tokens: int
+    future: asyncio.Future[np.ndarray]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    waiters: int = 1
+
+    def join(self) -> None:
+        self.waiters += 1
+
+    def leave(self) -> None:
+        """A waiter has gone (its client disconnected): when none is left, skip the work."""
+        self.waiters -= 1
+        if self.waiters <= 0 and not self.future.done():
+            self.future.cancel()
+
+
+class MicroBatcher:
+    def __init__(self, embedder: Embedder, settings: BatchingSettings) -> None:
+        self._embedder = embedder
+        self._settings = settings
+        self._model = embedder.info.name
+        self._pending: list[PendingText] = []
+        self._wakeup = asyncio.Event()
+        # The model's own thread: inference never runs on the event loop.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"model-{self._model}"
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._depth_gauge = metrics.QUEUE_DEPTH.labels(model=self._model)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"batcher-{self._model}")
+
+    async def stop(self) -> None:
+        """Fail what still waits, stop the loop, then let a running model call finish."""
+        self._closed = True
+        for item in self._pending:
+            if not item.future.done():
+                item.future.set_exception(NotReady("the server is shutting down"))
+        self._pending.clear()
+        self._depth_gauge.set(0)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def submit(self, texts: Sequence[str], tokens: Sequence[int]) -> list[PendingText]:
+        """Queue texts for the model, all or none: a full queue raises Overloaded."""
+        if self._closed:
+            raise NotReady("the server is shutting down")
+        if len(self._pending) + len(texts) > self._settings.max_queue_texts:
+            raise Overloaded(
+                f"The server is overloaded: {len(self._pending)} texts are waiting for "
+                f"model '{self._model}'. Retry later.",
+                retry_after=1.0,
+            )
+        loop = asyncio.get_running_loop()
+        items = [
+            PendingText(text=text, tokens=count, future=loop.create_future())
+            for text, count in zip(texts, tokens, strict=True)
+        ]
+        self._pending.extend(items)
+        self._depth_gauge.set(len(self._pending))
+        self._wakeup.set()
+        return items
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_for_company()
+            self._pending = [item for item in self._pending if not item.future.done()]
+            batch = self._take_batch()
+            self._depth_gauge.set(len(self._pending))
+            if batch:
+                await self._compute(loop, batch)
+
+    async def _wait_for_company(self) -> None:
+        """Give concurrent requests up to max_wait (from the oldest text's arrival) to join."""
+        deadline = self._pending[0].enqueued_at + self._settings.max_wait_ms / 1000
+        while len(self._pending) < self._settings.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[PendingText]:
+        """The oldest text plus its nearest neighbours by token length, within the limits."""
+        if not self._pending:
+            return []
+        anchor = self._pending[0]
+        ordered = sorted(self._pending, key=lambda item: item.tokens)
+        lengths = [item.tokens for item in ordered]
+        low = bisect.bisect_left(lengths, anchor.tokens)
+        while ordered[low] is not anchor:
+            low += 1
+        high = low + 1  # the batch is ordered[low:high], ascending by tokens
+        while high - low < self._settings.max_batch_size:
+            sides = []
+            if low > 0:
+                sides.append((anchor.tokens - ordered[low - 1].tokens, -1))
+            if high < len(ordered):
+                sides.append((ordered[high].tokens - anchor.tokens, +1))
+            grown = False
+            for _distance, side in sorted(sides):
+                longest = ordered[high].tokens if side > 0 else ordered[high - 1].tokens
+                if (high - low + 1) * longest <= self._settings.max_batch_tokens:
+                    low, high = (low - 1, high) if side < 0 else (low, high + 1)
+                    grown = True
+                    break
+            if not grown:
+                break
+        batch = ordered[low:high]
+        chosen = set(map(id, batch))
+        self._pending = [item for item in self._pending if id(item) not in chosen]
+        return batch
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[PendingText]) -> None:
+        started = time.perf_counter()
+        for item in batch:
+            metrics.QUEUE_WAIT.labels(model=self._model).observe(started - item.enqueued_at)
+        metrics.BATCH_SIZE.labels(model=self._model).observe(len(batch))
+        metrics.BATCH_TOKENS.labels(model=self._model).observe(
+            len(batch) * max(item.tokens for item in batch)
+        )
+        texts = [item.text for item in batch]
+        try:
+            vectors = await loop.run_in_executor(self._executor, self._embedder.embed, texts)
+        except Exception:
+            log.exception("model %s failed on a batch of %d texts", self._model, len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(ModelFailed("The model failed to embed the input."))
+            return
+        finally:
+            metrics.INFERENCE_SECONDS.labels(model=self._model).observe(
+                time.perf_counter() - started
+            )
+        for item, vector in zip(batch, vectors, strict=True):
+            if not item.future.done():
+                item.future.set_result(vector)

