@@ -58,7 +58,14 @@ class Runtime:
             cache=cache,
         )
 
+    def start_draining(self) -> None:
+        """From now on /ready answers 503 so load balancers stop sending new work.
+
+        Called from a signal handler: only set a flag here (no logging, no locks)."""
+        self.draining = True
+
     async def close(self) -> None:
+        log.info("shutting down: stopping the batchers and closing the cache")
         self.draining = True
         for batcher in self.batchers.values():
             await batcher.stop()

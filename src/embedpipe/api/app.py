@@ -11,6 +11,7 @@ from starlette.responses import Response
 from embedpipe import __version__
 from embedpipe.api import openai, ops, simple
 from embedpipe.api.deps import ClientGone
+from embedpipe.api.draining import on_shutdown_signal
 from embedpipe.api.errors import install_error_handlers
 from embedpipe.api.middleware import (
     BodyLimitMiddleware,
@@ -32,7 +33,8 @@ def create_app(settings: Settings) -> FastAPI:
         runtime = await Runtime.open(settings)
         app.state.runtime = runtime
         try:
-            yield
+            with on_shutdown_signal(runtime.start_draining):
+                yield
         finally:
             await runtime.close()
 
