@@ -9,13 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.redis_server import RedisServer, find_redis_server
+from tests.redis_server import NO_REDIS_SERVER, RedisServer, find_redis_server
 
 TEST_REDIS_URL_ENV = "EMBEDPIPE_TEST_REDIS_URL"
-_NO_SERVER = (
-    "redis-server not found: install it (`make dev` does) or set EMBEDPIPE_TEST_REDIS_URL "
-    "or EMBEDPIPE_REDIS_SERVER"
-)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +23,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
         return
     if find_redis_server() is None:
-        pytest.skip(_NO_SERVER)
+        pytest.skip(NO_REDIS_SERVER)
     with RedisServer.start_new(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
 
@@ -36,7 +32,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server of this test's own, which it may pause, kill and restart."""
     if find_redis_server() is None:
-        pytest.skip(_NO_SERVER)
+        pytest.skip(NO_REDIS_SERVER)
     with RedisServer.start_new(tmp_path_factory.mktemp("private-redis")) as server:
         yield server
 

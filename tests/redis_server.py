@@ -9,16 +9,31 @@ port) so tests can inject real faults instead of mocking Redis.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
 
 REDIS_SERVER_ENV = "EMBEDPIPE_REDIS_SERVER"
+NO_REDIS_SERVER = (
+    "redis-server not found: `make test` installs it; or set EMBEDPIPE_TEST_REDIS_URL "
+    "(a running Redis) or EMBEDPIPE_REDIS_SERVER (the binary)"
+)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, be killed when the test process dies, even by
+    SIGKILL (a CI timeout), so no redis-server outlives its tests."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def find_redis_server() -> str | None:
@@ -31,6 +46,43 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(100):
+        port = random.randint(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def command(port: int, *args: str | int, timeout: float = 5.0) -> str:
+    """Send one command over raw RESP; return a status or bulk reply (raise on an error)."""
+    parts = [str(a).encode() for a in args]
+    request = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        reply = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            reply += chunk
+            header, sep, body = reply.partition(b"\r\n")
+            if not sep:
+                continue
+            if header[:1] == b"-":
+                raise RuntimeError(header[1:].decode())
+            if header[:1] != b"$":
+                return header[1:].decode()
+            if len(body) >= int(header[1:]) + 2:
+                return body[: int(header[1:])].decode()
 
 
 def answers_ping(port: int, timeout: float = 0.2) -> bool:
@@ -83,6 +135,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while not answers_ping(self.port):
@@ -126,6 +179,86 @@ class RedisServer:
             proc.wait(timeout=5)
 
     def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RedisClusterServers:
+    """A Redis Cluster of private redis-server processes, primaries only."""
+
+    def __init__(self, workdir: Path, binary: str | None = None, size: int = 3) -> None:
+        self.workdir = workdir
+        self.binary = binary or find_redis_server() or "redis-server"
+        self.size = size
+        self.ports: list[int] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """A URL for ``RedisTier.from_url``: one startup node, the rest is discovered."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0?cluster=true"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the nodes, give each a third of the slots and introduce them; return once
+        every node sees the whole cluster healthy. (Faster and steadier than
+        ``redis-cli --cluster create``, which polls once a second.)"""
+        for _ in range(self.size):
+            port = free_cluster_port()
+            node_dir = self.workdir / str(port)
+            node_dir.mkdir(parents=True)
+            args = [self.binary, "--port", str(port), "--bind", "127.0.0.1"]
+            args += ["--save", "", "--appendonly", "no", "--cluster-enabled", "yes"]
+            args += ["--dir", str(node_dir), "--logfile", str(node_dir / "redis.log")]
+            self._procs.append(
+                subprocess.Popen(args, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            )
+            self.ports.append(port)
+        deadline = time.monotonic() + timeout
+        while not all(answers_ping(port) for port in self.ports):
+            if any(proc.poll() is not None for proc in self._procs):
+                raise RuntimeError(f"a cluster node exited at start, see {self.workdir}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("cluster nodes did not start")
+            time.sleep(0.02)
+        step = 16384 // self.size
+        for i, port in enumerate(self.ports):
+            last = 16383 if i == self.size - 1 else (i + 1) * step - 1
+            command(port, "CLUSTER", "ADDSLOTSRANGE", i * step, last)
+            if i:
+                command(port, "CLUSTER", "MEET", "127.0.0.1", self.ports[0])
+        while not all(self._healthy(port) for port in self.ports):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cluster did not become healthy")
+            time.sleep(0.05)
+
+    def _healthy(self, port: int) -> bool:
+        info = command(port, "CLUSTER", "INFO")
+        fields = dict(line.split(":", 1) for line in info.split() if ":" in line)
+        return (
+            fields.get("cluster_state") == "ok"
+            and fields.get("cluster_slots_ok") == "16384"
+            and fields.get("cluster_known_nodes") == str(self.size)
+        )
+
+    def close(self) -> None:
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def __enter__(self) -> RedisClusterServers:
         return self
 
     def __exit__(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -23,7 +24,12 @@ from embedpipe.cache import (
 )
 from embedpipe.cache.redis import split_cluster_flag
 from embedpipe.settings import CacheSettings, Settings
-from tests.redis_server import RedisServer
+from tests.redis_server import (
+    NO_REDIS_SERVER,
+    RedisClusterServers,
+    RedisServer,
+    find_redis_server,
+)
 
 T = TypeVar("T")
 # Tight timeouts and a short reset so the fault tests take seconds, not minutes.
@@ -52,7 +58,8 @@ async def timed(call: Awaitable[T]) -> tuple[T, float]:
 
 @pytest.fixture
 async def make_tier(namespace: str) -> AsyncIterator[Callable[..., RedisTier]]:
-    """Build tiers on a URL; each is cleared (its namespace only) and closed afterwards."""
+    """Build tiers on a URL; each is cleared (its namespace only) and closed afterwards.
+    Request a server fixture before this one, so the tiers close while it still runs."""
     tiers: list[RedisTier] = []
 
     def make(url: str, **settings: object) -> RedisTier:
@@ -66,6 +73,15 @@ async def make_tier(namespace: str) -> AsyncIterator[Callable[..., RedisTier]]:
         if await tier.ping():
             await tier.clear()
         await tier.close()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    if find_redis_server() is None:
+        pytest.skip(NO_REDIS_SERVER)
+    with RedisClusterServers(tmp_path) as cluster:
+        cluster.start()
+        yield cluster
 
 
 @pytest.fixture
@@ -103,7 +119,7 @@ async def test_round_trip_of_float32_vectors(
 
 @pytest.mark.redis
 async def test_large_lookups_are_chunked_mgets_in_one_round_trip(
-    make_tier: Callable[..., RedisTier], namespace: str, private_redis: RedisServer
+    private_redis: RedisServer, make_tier: Callable[..., RedisTier], namespace: str
 ) -> None:
     tier = make_tier(private_redis.url, mget_chunk=256)
     keys = [f"{namespace}:fp:{i}" for i in range(700)]
@@ -175,7 +191,7 @@ async def test_open_cache_uses_redis_when_configured(namespace: str, redis_url: 
 
 @pytest.mark.redis
 async def test_a_paused_server_costs_bounded_misses_then_caching_resumes(
-    make_tier: Callable[..., RedisTier], namespace: str, private_redis: RedisServer
+    private_redis: RedisServer, make_tier: Callable[..., RedisTier], namespace: str
 ) -> None:
     tier = make_tier(private_redis.url, **FAST)
     keys = [f"{namespace}:fp:{i}" for i in range(300)]
@@ -212,7 +228,7 @@ async def test_a_paused_server_costs_bounded_misses_then_caching_resumes(
 
 @pytest.mark.redis
 async def test_a_fresh_client_against_a_paused_server_is_bounded(
-    make_tier: Callable[..., RedisTier], namespace: str, private_redis: RedisServer
+    private_redis: RedisServer, make_tier: Callable[..., RedisTier], namespace: str
 ) -> None:
     private_redis.pause()
     try:
@@ -227,7 +243,7 @@ async def test_a_fresh_client_against_a_paused_server_is_bounded(
 
 @pytest.mark.redis
 async def test_a_killed_and_restarted_server_is_used_again(
-    make_tier: Callable[..., RedisTier], namespace: str, private_redis: RedisServer
+    private_redis: RedisServer, make_tier: Callable[..., RedisTier], namespace: str
 ) -> None:
     tier = make_tier(private_redis.url, **FAST)
     keys = [f"{namespace}:fp:{i}" for i in range(10)]
@@ -246,3 +262,20 @@ async def test_a_killed_and_restarted_server_is_used_again(
     await tier.set_many({k: value(i) for i, k in enumerate(keys)})
     assert tier.breaker.is_closed
     assert await tier.get_many(keys) == [value(i) for i in range(10)]
+
+
+@pytest.mark.redis
+async def test_redis_cluster_with_slot_aware_multi_gets(
+    redis_cluster: RedisClusterServers, make_tier: Callable[..., RedisTier], namespace: str
+) -> None:
+    tier = make_tier(redis_cluster.url, ttl_seconds=100)
+    assert type(tier.client).__name__ == "RedisCluster"
+    keys = [f"{namespace}:fp:{i}" for i in range(600)]  # spread over every node
+    await tier.set_many({k: value(i) for i, k in enumerate(keys)})
+    assert await tier.get_many([*keys, f"{namespace}:fp:missing"]) == [
+        *(value(i) for i in range(600)),
+        None,
+    ]
+    assert tier.errors == 0 and await tier.ping()
+    await tier.clear()
+    assert await tier.get_many(keys[:50]) == [None] * 50

@@ -141,11 +141,17 @@ async def test_a_hit_refreshes_an_entry_in_the_eviction_order(
     assert await tier.get_many(["hot", "k0-0"]) == [value(7), None]
 
 
-async def test_an_unreadable_file_means_misses_and_errors_not_exceptions(
-    make_tier: Callable[..., SqliteTier], path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.fixture
+def garbage_file(path: Path) -> Path:
     path.parent.mkdir(parents=True)
     path.write_bytes(os.urandom(8192))  # not a database
+    return path
+
+
+@pytest.mark.usefixtures("garbage_file")
+async def test_an_unreadable_file_means_misses_and_errors_not_exceptions(
+    make_tier: Callable[..., SqliteTier], caplog: pytest.LogCaptureFixture
+) -> None:
     before = errors_total()
     tier = await make_tier().open()
     assert await tier.get_many(["a", "b"]) == [None, None]

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from embedpipe.cache.base import TierStats
 from embedpipe.cache.breaker import CircuitBreaker
@@ -35,8 +35,8 @@ from embedpipe.settings import CacheSettings
 logger = logging.getLogger("embedpipe.cache")
 
 # What a broken, slow or restarting Redis raises (asyncio.TimeoutError is TimeoutError, an
-# OSError, on Python 3.11+).
-_EXPECTED_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# OSError, on Python 3.11+; RedisClusterException is not a RedisError).
+_EXPECTED_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 _CLEAR_BATCH = 500
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -72,7 +72,7 @@ class RedisTier:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
-        self._settings = settings
+        self.settings = settings
         self._ttl = settings.ttl_seconds or None
         self._chunk = settings.mget_chunk
         self._pattern = _glob_escape(settings.namespace + ":") + "*"
@@ -209,7 +209,7 @@ class RedisTier:
         """Delete this namespace's keys (SCAN + UNLINK in batches; never FLUSHDB, since the
         Redis may be shared). Unlike get/set this raises when Redis fails: it is an operator
         action whose failure must be visible."""
-        batch: list[str] = []
+        batch: list[bytes] = []  # keys come back undecoded
         removed = 0
         async for key in self._client.scan_iter(match=self._pattern, count=1000):
             batch.append(key)

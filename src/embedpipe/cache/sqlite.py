@@ -191,8 +191,15 @@ class SqliteTier:
         return int((pages - free) * page_size)
 
     def _maintain_sync(self, now: float) -> None:
-        """Drop expired entries, then the oldest ones while over ``max_bytes``."""
+        """Drop expired entries, then the oldest ones while over ``max_bytes``. Best effort:
+        when another process holds the write lock, the next round will do it."""
         self._writes_since_maintenance = 0
+        try:
+            self._evict_sync(now)
+        except sqlite3.OperationalError as exc:
+            logger.debug("cache tier l2: maintenance skipped: %s", exc)
+
+    def _evict_sync(self, now: float) -> None:
         db = self._db()
         if self.ttl_seconds:
             for _ in range(_MAX_EVICT_ROUNDS):
