@@ -1,5 +1,6 @@
 """Shared fixtures. Redis tests run against ``$EMBEDPIPE_TEST_REDIS_URL`` when it is set,
-else against a private redis-server started for the session; they skip when neither exists."""
+else against a private redis-server started for the session. Without a redis-server they skip
+on a developer's machine and fail in CI (``CI=true``), where a skip would hide a missing install."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from tests.redis_server import NO_REDIS_SERVER, RedisServer, find_redis_server
 TEST_REDIS_URL_ENV = "EMBEDPIPE_TEST_REDIS_URL"
 
 
+def require_redis_server() -> None:
+    if find_redis_server() is not None:
+        return
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(NO_REDIS_SERVER)
+    pytest.skip(NO_REDIS_SERVER)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Redis for the whole session. Tests must use their own key namespace (see
@@ -22,8 +31,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url:
         yield url
         return
-    if find_redis_server() is None:
-        pytest.skip(NO_REDIS_SERVER)
+    require_redis_server()
     with RedisServer.start_new(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
 
@@ -31,8 +39,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server of this test's own, which it may pause, kill and restart."""
-    if find_redis_server() is None:
-        pytest.skip(NO_REDIS_SERVER)
+    require_redis_server()
     with RedisServer.start_new(tmp_path_factory.mktemp("private-redis")) as server:
         yield server
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import require_redis_server
 from tests.integration.conftest import MODEL
-from tests.redis_server import RedisServer, find_redis_server
+from tests.redis_server import RedisServer
 from tests.server_process import ServerProcess
 
 pytestmark = [pytest.mark.model, pytest.mark.server, pytest.mark.redis]
@@ -26,8 +27,7 @@ class Replicas:
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    if find_redis_server() is None:
-        pytest.fail("redis-server is missing: `make test` installs it")
+    require_redis_server()
     root = tmp_path_factory.mktemp("replicas")
     # Its own Redis: this module pauses and kills it.
     with RedisServer.start_new(root / "redis") as redis:
