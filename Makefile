@@ -30,7 +30,15 @@ redis-server-bin:
 
 .PHONY: redis-server-bin
 
-test: install redis-server-bin  ## lint, typecheck and the whole test suite (starts a private Redis)
+# promtool + prometheus (deploy/prometheus checks, a real scrape) and chromium (/dashboard).
+monitoring-bins:
+	@command -v promtool >/dev/null && command -v chromium >/dev/null || { \
+	  echo "installing prometheus and chromium (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium >/dev/null; }
+
+.PHONY: monitoring-bins
+
+test: install redis-server-bin monitoring-bins  ## lint, typecheck and the whole test suite (starts a private Redis)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
@@ -48,6 +56,11 @@ typecheck: install  ## mypy strict
 
 bench: install  ## throughput and latency ratios against the raw in-process model
 	$(BIN)/python -m benchmarks.throughput
+
+bench-embed: install  ## `embedpipe embed` on a generated 20k-row JSONL: rows/s vs raw model, RSS
+	$(BIN)/python -m benchmarks.embed_file --rows 20000
+
+.PHONY: bench-embed
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

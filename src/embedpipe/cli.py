@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import logging.config
 import os
-from typing import Annotated, Any
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from embedpipe.logs import LogFormat, logging_config
 from embedpipe.settings import Settings
 
 app = typer.Typer(help="embedpipe: text embeddings as a service.", no_args_is_help=True)
 cache_app = typer.Typer(help="Inspect or clear the cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+keys_app = typer.Typer(help="Make and hash API keys for the keys file.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 
@@ -24,11 +30,26 @@ def _settings(**overrides: Any) -> Settings:
     return Settings(**given)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _configure_logging(level: str, fmt: LogFormat) -> dict[str, Any]:
+    config = logging_config(level, fmt)
+    logging.config.dictConfig(config)
+    return config
+
+
+def _prepare_metrics_dir(workers: int) -> Path | None:
+    """Several workers write their metrics to files that /metrics merges (prometheus_client's
+    multiprocess mode): the operator's PROMETHEUS_MULTIPROC_DIR, else a private temporary
+    folder, returned to be removed at exit. Emptied first: an earlier run's samples would
+    otherwise add to this one's. Must run before anything imports prometheus_client."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if workers <= 1 and not given:
+        return None
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="embedpipe-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return None if given else path
 
 
 @app.command()
@@ -45,28 +66,38 @@ def serve(
     # Never reach the Hugging Face hub from a server.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings(host=host, port=port, workers=workers)
-    _configure_logging(settings.log_level)
-    if settings.workers > 1:
-        # Each worker process builds its own app from the environment.
-        os.environ["EMBEDPIPE_HOST"] = settings.host
-        os.environ["EMBEDPIPE_PORT"] = str(settings.port)
+    # JSON lines in every worker; the access log line is ours (embedpipe.access), not uvicorn's.
+    log_config = _configure_logging(settings.log_level, settings.log_format)
+    private_metrics_dir = _prepare_metrics_dir(settings.workers)
+    try:
+        if settings.workers > 1:
+            # Each worker process builds its own app from the environment.
+            os.environ["EMBEDPIPE_HOST"] = settings.host
+            os.environ["EMBEDPIPE_PORT"] = str(settings.port)
+            uvicorn.run(
+                "embedpipe.api.app:create_app_from_env",
+                factory=True,
+                host=settings.host,
+                port=settings.port,
+                workers=settings.workers,
+                log_level=settings.log_level,
+                log_config=log_config,
+                access_log=False,
+            )
+            return
+        from embedpipe.api.app import create_app
+
         uvicorn.run(
-            "embedpipe.api.app:create_app_from_env",
-            factory=True,
+            create_app(settings),
             host=settings.host,
             port=settings.port,
-            workers=settings.workers,
             log_level=settings.log_level,
+            log_config=log_config,
+            access_log=False,
         )
-        return
-    from embedpipe.api.app import create_app
-
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-    )
+    finally:
+        if private_metrics_dir is not None:
+            shutil.rmtree(private_metrics_dir, ignore_errors=True)
 
 
 @app.command()
@@ -128,6 +159,202 @@ def cache_clear(
 
     asyncio.run(run())
     console.print("cache cleared")
+
+
+@app.command()
+def worker(
+    loglevel: Annotated[str, typer.Option(help="Celery's log level.")] = "info",
+    hostname: Annotated[
+        str | None, typer.Option(help="Worker name (default: celery@<host>.<pid>).")
+    ] = None,
+) -> None:
+    """Run batch-job chunks from the Redis broker (needs EMBEDPIPE_REDIS_URL or _BROKER_URL).
+
+    One process per machine is right on CPU: the model already uses every core. Scale out
+    with more machines (or processes pinned to cores); each loads the model once.
+    """
+    import socket
+
+    from embedpipe.jobs.celery_app import WorkerContext, create_celery, register_tasks
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = _settings()
+    if not settings.effective_broker_url:
+        console.print("[red]embedpipe worker needs EMBEDPIPE_REDIS_URL or EMBEDPIPE_BROKER_URL")
+        raise typer.Exit(2)
+    celery = create_celery(settings)
+    register_tasks(celery, WorkerContext(settings), settings.jobs.queue)
+    name = hostname or f"embedpipe@{socket.gethostname()}.{os.getpid()}"
+    # solo pool: the chunk runs in this process, where the model is loaded once.
+    celery.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            f"--loglevel={loglevel}",
+            f"--hostname={name}",
+            f"--queues={settings.jobs.queue}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def embed(
+    input_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUT",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="A .jsonl/.ndjson, .csv, .parquet or .txt file (one text a line); .gz allowed.",
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", dir_okay=False, help="Default: INPUT's name + .embeddings.parquet."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="A served model name or a sentence-transformers directory."),
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="The field or column holding the text.")] = (
+        "text"
+    ),
+    id_field: Annotated[
+        str | None,
+        typer.Option(help="The field or column of the ids. Default: the 0-based row number."),
+    ] = None,
+    output_format: Annotated[
+        Literal["parquet", "npy", "jsonl"] | None,
+        typer.Option("--format", help="Default: from the output's extension."),
+    ] = None,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, max=65536, help="Rows per committed chunk.")
+    ] = 256,
+    on_error: Annotated[
+        Literal["fail", "skip"],
+        typer.Option(help="A row with no usable text or id: fail (with its row number) or skip."),
+    ] = "fail",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    server: Annotated[
+        str | None,
+        typer.Option(help="Submit to a running embedpipe at this URL instead (Batch API)."),
+    ] = None,
+) -> None:
+    """Embed a dataset file in this process, through the same cache and batcher as the server.
+
+    Resumable: after an interruption, run the same command again to continue.
+    """
+    from embedpipe.errors import EmbedpipeError
+    from embedpipe.jobs.formats import input_kind
+    from embedpipe.jobs.formats import output_format as format_of
+    from embedpipe.jobs.local import default_output, embed_file, settings_for_embed
+
+    err = Console(stderr=True)
+    if server is not None:
+        # Hook for the Batch API client: upload INPUT, create a batch, follow it, download.
+        err.print("[red]--server is not implemented yet[/red]; run without it to embed locally")
+        raise typer.Exit(2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ours is the only bar
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    target = output or default_output(input_path)
+    try:
+        input_kind(input_path)
+        fmt = format_of(target, output_format)
+        report = asyncio.run(
+            embed_file(
+                settings_for_embed(settings, model),
+                input_path=input_path,
+                output=target,
+                fmt=fmt,
+                text_field=text_field,
+                id_field=id_field,
+                chunk_size=chunk_size,
+                on_error=on_error,
+                console=err,
+                quiet=quiet,
+            )
+        )
+    except EmbedpipeError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: finished chunks are kept; run the same command to resume")
+        raise typer.Exit(130) from None
+    err.print(report.summary(), highlight=False, soft_wrap=True)
+
+
+@keys_app.command("hash")
+def keys_hash(
+    key: Annotated[
+        str | None,
+        typer.Argument(help="The key; read from stdin when omitted (keeps it out of history)."),
+    ] = None,
+) -> None:
+    """Print a key's digest: the ``hash`` of its entry in the keys file."""
+    import sys
+
+    from embedpipe.auth import hash_key
+
+    if key is None:
+        if sys.stdin.isatty():
+            key = typer.prompt("API key", hide_input=True)
+        else:
+            key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        raise typer.BadParameter("the key is empty")
+    typer.echo(hash_key(key))
+
+
+@keys_app.command("generate")
+def keys_generate(
+    name: Annotated[str, typer.Option(help="The key's name: its identity in limits and logs.")],
+    rpm: Annotated[int | None, typer.Option(help="Its own requests per minute (0: none).")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Its own tokens per minute (0: none).")] = None,
+) -> None:
+    """Make a random key. The key goes to stderr (give it to the client, it is stored nowhere);
+    its keys-file entry to stdout: ``embedpipe keys generate --name team >> keys.toml``."""
+    import sys
+
+    from embedpipe.auth import generate_key, hash_key
+
+    key = generate_key()
+    print(f"API key for {name!r} (shown once): {key}", file=sys.stderr)
+    entry = f'[[keys]]\nname = "{name}"\nhash = "{hash_key(key)}"\n'
+    entry += "".join(f"{k} = {v}\n" for k, v in (("rpm", rpm), ("tpm", tpm)) if v is not None)
+    typer.echo(entry)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """The keys this configuration accepts (names and limits; never the keys)."""
+    from embedpipe.auth import KeysFileError, KeyStore
+
+    settings = _settings()
+    try:
+        store = KeyStore.load(settings.api_keys, settings.api_keys_file)
+    except KeysFileError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    table = Table("name", "requests/min", "tokens/min")
+
+    def shown(own: int | None, default: int) -> str:
+        value = default if own is None else own
+        return (str(value) if value else "unlimited") + (" (default)" if own is None else "")
+
+    for key in store:
+        table.add_row(
+            key.name,
+            shown(key.rpm, settings.rate_limit_rpm),
+            shown(key.tpm, settings.rate_limit_tpm),
+        )
+    console.print(table if store.enabled else "no API keys: authentication is off")
 
 
 def main() -> None:

@@ -29,6 +29,10 @@ class ModelNotFound(EmbedpipeError):
     pass
 
 
+class NotFound(EmbedpipeError):
+    pass
+
+
 class Overloaded(EmbedpipeError):
     def __init__(self, message: str, *, retry_after: float = 1.0):
         super().__init__(message, code="overloaded")

@@ -1,12 +1,54 @@
 """Prometheus metric definitions (the one module-level exception: a registry rejects duplicates).
 
-Names use the ``embedpipe_`` prefix and base units; every label set is bounded.
+Names use the ``embedpipe_`` prefix and base units; every label set is bounded (routes are
+route templates, models are the configured ones, statuses are HTTP codes).
+
+Several worker processes (``embedpipe serve --workers N``): the CLI points
+``PROMETHEUS_MULTIPROC_DIR`` at an emptied folder *before* this module is imported, every
+process then writes its samples there, and :func:`exposition` merges them. Each gauge says
+how its per-process values combine (``multiprocess_mode``).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+import platform
+from collections.abc import Iterable
 
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+# `*_created` series double the series count and no query here uses them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# 1 ms to 10 s: an embedding request is a few ms from the cache and seconds for a big batch.
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# --- HTTP (recorded by embedpipe.api.observability) ---
+HTTP_REQUESTS = Counter(
+    "embedpipe_http_requests",
+    "HTTP requests answered, by route template, method and status code.",
+    ["route", "method", "status"],
+)
+HTTP_DURATION = Histogram(
+    "embedpipe_http_request_duration_seconds",
+    "Time from the request's arrival to the end of its response, by route template.",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10),
+)
+
+# --- the service, cache and batcher ---
 EMBEDDINGS = Counter(
     "embedpipe_embeddings",
     "Embeddings served, by where the vector came from (l1, l2 or computed).",
@@ -21,6 +63,7 @@ CACHE_BREAKER_OPEN = Gauge(
     "embedpipe_cache_breaker_open",
     "1 while the circuit breaker of a cache tier is open.",
     ["tier"],
+    multiprocess_mode="livemax",
 )
 TOKENS = Counter("embedpipe_tokens", "Tokens of the inputs served.", ["model"])
 BATCH_SIZE = Histogram(
@@ -39,12 +82,108 @@ INFERENCE_SECONDS = Histogram(
     "embedpipe_inference_duration_seconds",
     "Time of one model call.",
     ["model"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=_SECONDS,
 )
-QUEUE_DEPTH = Gauge("embedpipe_queue_depth", "Texts waiting for the model.", ["model"])
+QUEUE_DEPTH = Gauge(
+    "embedpipe_queue_depth",
+    "Texts waiting for the model (summed over worker processes).",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+QUEUE_CAPACITY = Gauge(
+    "embedpipe_queue_capacity",
+    "Texts that may wait for the model before requests get 503 (summed over worker processes).",
+    ["model"],
+    multiprocess_mode="livesum",
+)
 QUEUE_WAIT = Histogram(
     "embedpipe_queue_wait_seconds",
     "Time a text waited in the queue before its model call started.",
     ["model"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=(0.0005, *_SECONDS),
 )
+
+# --- protection (wired by the rate limiter) ---
+RATE_LIMITED = Counter(
+    "embedpipe_rate_limited",
+    "Requests refused with 429, by the limit that refused them (requests or tokens).",
+    ["limit"],
+)
+RATE_LIMITER_ERRORS = Counter(
+    "embedpipe_rate_limiter_errors",
+    "Rate-limit decisions taken without the limiter's storage (it failed or is skipped).",
+)
+
+# --- batch jobs (wired by the job runner) ---
+JOBS = Counter(
+    "embedpipe_jobs",
+    "Batch jobs that reached a final status (completed, failed, cancelled, expired).",
+    ["status"],
+)
+JOBS_SUBMITTED = Counter("embedpipe_jobs_submitted", "Batch jobs accepted.")
+JOB_ITEMS = Counter(
+    "embedpipe_job_items",
+    "Requests (lines) of batch jobs processed, by outcome (succeeded or failed).",
+    ["status"],
+)
+JOB_CHUNK_SECONDS = Histogram(
+    "embedpipe_job_chunk_duration_seconds",
+    "Time to process one chunk of a batch job.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+
+# --- what is running ---
+BUILD_INFO = Gauge(
+    "embedpipe_build_info",
+    "Always 1; the labels say which embedpipe and Python serve.",
+    ["version", "python"],
+    multiprocess_mode="livemax",
+)
+MODEL_INFO = Gauge(
+    "embedpipe_model_info",
+    "Always 1 per served model; the labels describe it.",
+    ["model", "backend", "dimensions", "max_tokens", "weights_sha256"],
+    multiprocess_mode="livemax",
+)
+
+
+def describe_process(version: str, models: Iterable[tuple[str, str, int, int, str]]) -> None:
+    """Set the info gauges: ``models`` holds (name, backend, dimensions, max tokens, sha256)."""
+    BUILD_INFO.labels(version=version, python=platform.python_version()).set(1)
+    for name, backend, dimensions, max_tokens, sha256 in models:
+        MODEL_INFO.labels(
+            model=name,
+            backend=backend,
+            dimensions=str(dimensions),
+            max_tokens=str(max_tokens),
+            weights_sha256=sha256[:12],
+        ).set(1)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_DIR_ENV) or None
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format for ``/metrics``: this process's registry, or every worker's merged."""
+    if multiprocess_dir() is None:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def process_exiting() -> None:
+    """Drop this process's live gauges (queue depth, info) from the merged view."""
+    if multiprocess_dir() is not None:
+        _multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def rate_limited_counts() -> dict[str, int]:
+    """Requests refused per limit by this process, for ``/stats``."""
+    return {
+        sample.labels["limit"]: int(sample.value)
+        for family in RATE_LIMITED.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }

@@ -15,6 +15,7 @@ from embedpipe.batcher import MicroBatcher
 from embedpipe.cache import TieredCache, open_cache
 from embedpipe.embedders import ModelRegistry, configure_threads, load_embedder, parse_model_specs
 from embedpipe.inputs import TokenDecoder
+from embedpipe.ratelimit import RateLimiter
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import Settings
 
@@ -28,6 +29,7 @@ class Runtime:
     default_model: str
     batchers: dict[str, MicroBatcher]
     cache: TieredCache
+    limiter: RateLimiter
     token_decoder: TokenDecoder = field(default_factory=TokenDecoder)
     started_at: float = field(default_factory=time.time)
     draining: bool = False
@@ -56,6 +58,7 @@ class Runtime:
             default_model=specs[0].name,
             batchers=batchers,
             cache=cache,
+            limiter=RateLimiter.from_settings(settings),
         )
 
     def start_draining(self) -> None:
@@ -70,6 +73,7 @@ class Runtime:
         for batcher in self.batchers.values():
             await batcher.stop()
         await self.cache.close()
+        await self.limiter.close()
 
     @property
     def uptime_seconds(self) -> float:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from embedpipe import metrics
+from embedpipe import logs, metrics
 from embedpipe.batcher import MicroBatcher, PendingText
 from embedpipe.cache import TieredCache, bytes_to_vector, cache_key, vector_to_bytes
 from embedpipe.embedders import Embedder, ModelRegistry, Vectors
@@ -68,10 +68,22 @@ class EmbeddingService:
     def resolve_model(self, name: str) -> str:
         return self._models.resolve(name)
 
-    async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
+    async def count_tokens(self, model: str, texts: Sequence[str]) -> list[int]:
+        """Tokens per text as the model sees them (truncated at its window, specials included):
+        what ``usage`` reports and a token budget is charged. Pass them on to :meth:`embed`."""
+        return await self._count_tokens(self._models.get(self._models.resolve(model)), texts)
+
+    async def embed(
+        self, model: str, texts: Sequence[str], tokens: Sequence[int] | None = None
+    ) -> EmbedResult:
+        """``tokens``: from :meth:`count_tokens` when the caller counted already."""
         name = self._models.resolve(model)
         embedder = self._models.get(name)
-        tokens = await self._count_tokens(embedder, texts)
+        logs.annotate(model=name, inputs=len(texts))  # the request's access log line
+        if tokens is None:
+            tokens = await self._count_tokens(embedder, texts)
+        elif len(tokens) != len(texts):
+            raise ValueError("one token count per text is needed")
 
         unique: dict[str, int] = {}  # text -> index into the unique lists
         for text in texts:
@@ -109,6 +121,7 @@ class EmbeddingService:
                 metrics.EMBEDDINGS.labels(model=name, source=source).inc(count)
         total_tokens = sum(tokens)
         metrics.TOKENS.labels(model=name).inc(total_tokens)
+        logs.annotate(cache_hits=len(texts) - served_sources.count("computed"), tokens=total_tokens)
         return EmbedResult(model=name, vectors=matrix, sources=served_sources, tokens=total_tokens)
 
     async def _count_tokens(self, embedder: Embedder, texts: Sequence[str]) -> list[int]:

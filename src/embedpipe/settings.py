@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,8 +54,43 @@ class LimitsSettings(BaseModel):
     max_input_chars: int = Field(1_000_000, ge=1)
 
 
+class SecuritySettings(BaseModel):
+    """API keys and rate limits beyond the top-level ``api_keys``/``rate_limit_*`` settings."""
+
+    # /metrics needs a key too (/health and /ready never do).
+    protect_metrics: bool = False
+    # Addresses or networks (comma-separated, e.g. ``10.0.0.0/8,127.0.0.1``) of the proxies
+    # whose X-Forwarded-For names the client; from anyone else the header is ignored.
+    trusted_proxies: str = ""
+    # The limiter's storage (Redis) is down: False lets requests through unlimited, True
+    # refuses them with 503.
+    fail_closed: bool = False
+    redis_socket_timeout: float = Field(0.25, gt=0)
+    redis_connect_timeout: float = Field(0.5, gt=0)
+    # After a storage failure, decide without it this long before trying it again.
+    retry_seconds: float = Field(1.0, gt=0)
+
+
+class JobsSettings(BaseModel):
+    """Batch jobs: the OpenAI Files + Batch API, run in process or on Celery workers."""
+
+    # Requests (lines of a batch file) per chunk: the unit of work, retry and commit.
+    chunk_size: int = Field(100, ge=1, le=50_000)
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    max_requests_per_batch: int = Field(50_000, ge=1)
+    # Chunks computed at once by the in-process runner (they share the online batcher).
+    in_process_concurrency: int = Field(2, ge=1)
+    # Redis broker: an unacknowledged chunk goes back to the queue after this long (a dead
+    # worker's work is redelivered). Must exceed the time of one chunk.
+    visibility_timeout_seconds: int = Field(600, ge=1)
+    queue: str = "embedpipe"
+
+
 class Settings(BaseSettings):
-    """Everything embedpipe can be told. Env: ``EMBEDPIPE_<NAME>``, nested: ``EMBEDPIPE_CACHE__TTL_SECONDS``."""
+    """Everything embedpipe can be told.
+
+    Env: ``EMBEDPIPE_<NAME>``, nested: ``EMBEDPIPE_CACHE__TTL_SECONDS``.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="EMBEDPIPE_",
@@ -67,6 +103,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
     log_level: str = "info"
+    # json: one JSON object per line (production); text: for a human at a terminal.
+    log_format: Literal["json", "text"] = "json"
     data_dir: Path = Field(default_factory=_default_data_dir)
     redis_url: str = ""
     broker_url: str = ""
@@ -77,12 +115,16 @@ class Settings(BaseSettings):
     # Intra-op threads per model; 0 = the cores this process may really use.
     model_threads: int = Field(0, ge=0)
     api_keys: str = ""
+    # A TOML or YAML file of hashed keys, each with a name and its own limits (see auth.py).
+    api_keys_file: Path | None = None
     rate_limit_rpm: int = Field(0, ge=0)
     rate_limit_tpm: int = Field(0, ge=0)
 
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
 
     @property
     def distributed(self) -> bool:

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from embedpipe import __version__
-from embedpipe.api import openai, ops, simple
+from embedpipe.api import files_batches, openai, ops, simple
 from embedpipe.api.deps import ClientGone
 from embedpipe.api.draining import on_shutdown_signal
 from embedpipe.api.errors import install_error_handlers
@@ -18,6 +18,14 @@ from embedpipe.api.middleware import (
     JsonByDefaultMiddleware,
     RequestIdMiddleware,
 )
+from embedpipe.api.observability import (
+    ObservabilityMiddleware,
+    TrafficWindow,
+    on_shutdown,
+    on_startup,
+)
+from embedpipe.api.security import install_security
+from embedpipe.jobs.wiring import open_job_service
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
 
@@ -28,15 +36,21 @@ def _client_gone(_: Request, __: Exception) -> Response:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    traffic = TrafficWindow()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.open(settings)
         app.state.runtime = runtime
+        app.state.jobs = jobs = await open_job_service(settings, runtime)
+        on_startup(runtime, traffic)
         try:
             with on_shutdown_signal(runtime.start_draining):
                 yield
         finally:
+            await jobs.close()
             await runtime.close()
+            on_shutdown()
 
     app = FastAPI(
         title="embedpipe",
@@ -44,13 +58,23 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Text embeddings as a service: OpenAI-compatible, batched, cached.",
         lifespan=lifespan,
     )
+    app.state.traffic = traffic
     app.include_router(openai.router)
     app.include_router(simple.router)
+    app.include_router(files_batches.router)
     app.include_router(ops.router)
     install_error_handlers(app)
     app.add_exception_handler(ClientGone, _client_gone)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.limits.max_body_bytes,
+        # Uploads may be larger (plus room for the multipart framing).
+        larger_for={"/v1/files": settings.jobs.max_file_bytes + 64 * 1024},
+    )
+    # API keys, outside the body limit: an unauthenticated body is never read.
+    install_security(app, settings)
     app.add_middleware(JsonByDefaultMiddleware)
+    app.add_middleware(ObservabilityMiddleware, traffic=traffic)
     app.add_middleware(RequestIdMiddleware)
     return app
 

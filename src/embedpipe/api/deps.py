@@ -56,7 +56,9 @@ def _array_as_list(value: object) -> object:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def json_response(content: object, status_code: int = 200) -> Response:
+def json_response(
+    content: object, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     """orjson with numpy support: float32 vectors serialise without a Python float list."""
     body = orjson.dumps(content, default=_array_as_list, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(body, status_code=status_code, media_type="application/json")
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)

@@ -20,6 +20,7 @@ from embedpipe.errors import (
     InvalidInput,
     ModelFailed,
     ModelNotFound,
+    NotFound,
     NotReady,
     Overloaded,
 )
@@ -30,6 +31,7 @@ log = logging.getLogger("embedpipe.api")
 _STATUS: dict[type[EmbedpipeError], tuple[int, str]] = {
     InvalidInput: (400, "invalid_request_error"),
     ModelNotFound: (404, "invalid_request_error"),
+    NotFound: (404, "invalid_request_error"),
     Overloaded: (503, "server_overloaded"),
     NotReady: (503, "service_unavailable"),
     ModelFailed: (500, "server_error"),
@@ -62,12 +64,17 @@ def error_response(
     )
 
 
-def _domain_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, EmbedpipeError)
-    status, type_ = next(
+def status_for(exc: EmbedpipeError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of a domain error (also used in batch output)."""
+    return next(
         (mapped for cls, mapped in _STATUS.items() if isinstance(exc, cls)),
         (500, "server_error"),
     )
+
+
+def _domain_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EmbedpipeError)
+    status, type_ = status_for(exc)
     headers = None
     if isinstance(exc, Overloaded | NotReady):
         retry_after = exc.retry_after if isinstance(exc, Overloaded) else 1.0

@@ -23,24 +23,28 @@ class BodyTooLarge(HTTPException):
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes``: by Content-Length up front, else while streaming."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, larger_for: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger_for = larger_for or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.larger_for.get(scope["path"], self.max_bytes)
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
+                if declared > limit:
                     response = error_response(
                         413,
-                        f"The request body is larger than {self.max_bytes} bytes.",
+                        f"The request body is larger than {limit} bytes.",
                         type_="invalid_request_error",
                     )
                     await response(scope, receive, send)
@@ -52,8 +56,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if seen > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, counting_receive, send)
@@ -104,5 +108,7 @@ class JsonByDefaultMiddleware:
             if given.split(b";")[0].strip().lower() in self._LENIENT:
                 headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
                 headers.append((b"content-type", b"application/json"))
-                scope = {**scope, "headers": headers}
+                # In place, not a copy: the router marks the matched route on this very
+                # scope, and the metrics middleware outside reads it from there.
+                scope["headers"] = headers
         await self.app(scope, receive, send)

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from embedpipe.api.deps import get_runtime, json_response, unless_disconnected
 from embedpipe.api.schemas import EmbeddingRequest, EmbeddingResponse, ErrorBody, ModelList
+from embedpipe.api.security import admit
 from embedpipe.inputs import normalize_input
 from embedpipe.runtime import Runtime
 from embedpipe.vectors import check_dimensions, to_base64, truncate
@@ -16,7 +17,7 @@ from embedpipe.vectors import check_dimensions, to_base64, truncate
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (400, 404, 413, 503)
+    status: {"model": ErrorBody} for status in (400, 401, 404, 413, 429, 503)
 }
 
 
@@ -31,7 +32,10 @@ async def create_embeddings(
     model = service.resolve_model(body.model)
     dimensions = check_dimensions(body.dimensions, service.models.get(model).info.dimensions)
     texts = normalize_input(body.input, runtime.settings.limits, runtime.token_decoder)
-    result = await unless_disconnected(request, service.embed(model, texts))
+    # Counted once: the token budget is charged what `usage` reports, before any work.
+    tokens = await service.count_tokens(model, texts)
+    limit_headers = await admit(request, runtime, sum(tokens), param="input")
+    result = await unless_disconnected(request, service.embed(model, texts, tokens))
     vectors = truncate(result.vectors, dimensions)
     if body.encoding_format == "base64":
         data = [
@@ -49,7 +53,8 @@ async def create_embeddings(
             "data": data,
             "model": result.model,
             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
-        }
+        },
+        headers=limit_headers,
     )
 
 

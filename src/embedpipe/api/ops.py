@@ -1,16 +1,18 @@
-"""Operations routes: liveness, readiness, stats and Prometheus metrics."""
+"""Operations routes: liveness, readiness, stats, Prometheus metrics and the live dashboard."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
+from importlib import resources
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from embedpipe import __version__
+from embedpipe import __version__, metrics
 from embedpipe.api.deps import get_runtime, json_response
+from embedpipe.api.observability import TrafficWindow
 from embedpipe.runtime import Runtime
 
 router = APIRouter(tags=["Operations"])
@@ -37,9 +39,11 @@ async def ready(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
 
 
 @router.get("/stats")
-async def stats(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
-    """What the process is doing: models, cache tiers, queue depth, uptime."""
+async def stats(request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
+    """What this process is doing: models, cache tiers, queue depth, uptime, rate-limited
+    requests, and its traffic of the last minutes (what ``/dashboard`` draws)."""
     tiers = await runtime.cache.stats()
+    traffic: TrafficWindow = request.app.state.traffic
     return json_response(
         {
             "version": __version__,
@@ -60,11 +64,25 @@ async def stats(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
                 for tier in tiers
             },
             "queue_depth": runtime.service.queue_depth(),
+            "rate_limited": metrics.rate_limited_counts(),
+            "traffic": traffic.snapshot(),
         }
     )
 
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics() -> Response:
-    """Prometheus text format."""
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format (every worker process's samples, merged)."""
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+@functools.cache
+def _dashboard_html() -> bytes:
+    return resources.files("embedpipe.api").joinpath("static", "dashboard.html").read_bytes()
+
+
+@router.get("/dashboard", include_in_schema=False)
+async def dashboard() -> Response:
+    """A live page that polls ``/stats``: throughput, latency, hit ratio, queue depth."""
+    return Response(_dashboard_html(), media_type="text/html; charset=utf-8")

@@ -15,6 +15,7 @@ from embedpipe.api.schemas import (
     EmbedResponse,
     ErrorBody,
 )
+from embedpipe.api.security import admit
 from embedpipe.errors import InvalidInput
 from embedpipe.inputs import check_text
 from embedpipe.runtime import Runtime
@@ -22,7 +23,7 @@ from embedpipe.runtime import Runtime
 router = APIRouter(tags=["Simple"])
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (400, 404, 413, 503)
+    status: {"model": ErrorBody} for status in (400, 401, 404, 413, 429, 503)
 }
 
 
@@ -33,13 +34,16 @@ async def embed_one(
     """One text in, one vector out; ``cached`` says whether the model was spared."""
     check_text(body.text, None, runtime.settings.limits, param="text")
     model = body.model or runtime.default_model
-    result = await unless_disconnected(request, runtime.service.embed(model, [body.text]))
+    tokens = await runtime.service.count_tokens(model, [body.text])
+    limit_headers = await admit(request, runtime, sum(tokens), param="text")
+    result = await unless_disconnected(request, runtime.service.embed(model, [body.text], tokens))
     return json_response(
         {
             "embedding": result.vectors[0],
             "cached": result.sources[0] != "computed",
             "model": result.model,
-        }
+        },
+        headers=limit_headers,
     )
 
 
@@ -59,12 +63,15 @@ async def embed_batch(
     for index, text in enumerate(body.texts):
         check_text(text, index, limits, param="texts")
     model = body.model or runtime.default_model
-    result = await unless_disconnected(request, runtime.service.embed(model, body.texts))
+    tokens = await runtime.service.count_tokens(model, body.texts)
+    limit_headers = await admit(request, runtime, sum(tokens), param="texts")
+    result = await unless_disconnected(request, runtime.service.embed(model, body.texts, tokens))
     return json_response(
         {
             "embeddings": result.vectors,
             "count": len(body.texts),
             "cached_count": result.cached_count,
             "model": result.model,
-        }
+        },
+        headers=limit_headers,
     )

@@ -1,0 +1,118 @@
+"""OpenAI's Files and Batch API for ``endpoint: "/v1/embeddings"``.
+
+``client.files.create(purpose="batch")``, ``client.batches.create/retrieve/list/cancel`` and
+``client.files.content`` of the official SDK work unmodified.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from pydantic import BaseModel, Field
+from starlette.responses import FileResponse, Response
+
+from embedpipe.api.deps import json_response
+from embedpipe.api.schemas import ErrorBody
+from embedpipe.jobs.objects import JsonDict
+from embedpipe.jobs.service import JobService
+
+router = APIRouter(prefix="/v1", tags=["Files and batches"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorBody} for status in (400, 404, 413)
+}
+
+
+def get_jobs(request: Request) -> JobService:
+    jobs: JobService = request.app.state.jobs
+    return jobs
+
+
+Jobs = Annotated[JobService, Depends(get_jobs)]
+
+
+class BatchCreate(BaseModel):
+    input_file_id: str
+    endpoint: str = Field(examples=["/v1/embeddings"])
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = None
+
+
+def _page(items: list[JsonDict], limit: int) -> dict[str, object]:
+    shown = items[:limit]
+    return {
+        "object": "list",
+        "data": shown,
+        "first_id": shown[0]["id"] if shown else None,
+        "last_id": shown[-1]["id"] if shown else None,
+        "has_more": len(items) > limit,
+    }
+
+
+@router.post("/files", responses=_ERRORS)
+async def upload_file(
+    jobs: Jobs,
+    file: Annotated[UploadFile, File(description="JSONL, one request per line.")],
+    purpose: Annotated[str, Form()],
+) -> Response:
+    """Upload a batch input file."""
+    return json_response(await jobs.upload(file.filename or "", purpose, file.file))
+
+
+@router.get("/files")
+async def list_files(
+    jobs: Jobs,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+) -> Response:
+    """Files, newest first."""
+    return json_response(_page(await jobs.files(purpose, after, limit + 1), limit))
+
+
+@router.get("/files/{file_id}", responses=_ERRORS)
+async def retrieve_file(file_id: str, jobs: Jobs) -> Response:
+    return json_response(await jobs.file(file_id))
+
+
+@router.delete("/files/{file_id}", responses=_ERRORS)
+async def delete_file(file_id: str, jobs: Jobs) -> Response:
+    return json_response(await jobs.delete_file(file_id))
+
+
+@router.get("/files/{file_id}/content", responses=_ERRORS)
+async def file_content(file_id: str, jobs: Jobs) -> Response:
+    """The file's bytes (batch output and error files are JSONL)."""
+    return FileResponse(await jobs.file_path(file_id), media_type="application/octet-stream")
+
+
+@router.post("/batches", responses=_ERRORS)
+async def create_batch(body: BatchCreate, jobs: Jobs) -> Response:
+    """Start a batch over an uploaded file of ``/v1/embeddings`` requests."""
+    return json_response(
+        await jobs.create_batch(
+            body.input_file_id, body.endpoint, body.completion_window, body.metadata
+        )
+    )
+
+
+@router.get("/batches")
+async def list_batches(
+    jobs: Jobs,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Response:
+    """Batches, newest first; page with ``after``."""
+    return json_response(_page(await jobs.batches(after, limit + 1), limit))
+
+
+@router.get("/batches/{batch_id}", responses=_ERRORS)
+async def retrieve_batch(batch_id: str, jobs: Jobs) -> Response:
+    return json_response(await jobs.batch(batch_id))
+
+
+@router.post("/batches/{batch_id}/cancel", responses=_ERRORS)
+async def cancel_batch(batch_id: str, jobs: Jobs) -> Response:
+    """Stop scheduling new chunks; the batch ends ``cancelled`` with what was done."""
+    return json_response(await jobs.cancel(batch_id))

@@ -1,0 +1,1 @@
+"""Batch jobs: dataset files in and vectors out (``formats``), run in process (``local``)."""

@@ -1,0 +1,626 @@
+"""``embedpipe embed`` in process: a dataset file through the service's cache and batcher.
+
+read -> chunks of ``chunk_size`` rows -> ``service.embed`` with a few chunks in flight (so the
+micro-batcher always has texts to group by length) -> each chunk committed atomically as a
+part file -> the parts assembled, in input order, into the output.
+
+Resumable: the work dir ``OUTPUT.parts/`` holds a manifest (the input's path, size and
+mtime, and a fingerprint of everything that changes the vectors or the chunking) and one
+Arrow part per finished chunk, written to a temporary name, fsynced and renamed. A run killed
+at any instant leaves only whole parts; the next run with the same input and options embeds
+the missing chunks only, so no row is lost or written twice. When the output is assembled the
+parts are deleted and the manifest records the result: running the job again is a no-op.
+Memory is bounded by the chunks in flight and one Parquet row group, whatever the input size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import numpy as np
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from embedpipe.embedders import parse_model_specs
+from embedpipe.jobs.formats import (
+    BadRow,
+    DatasetError,
+    Matrix,
+    OutputFormat,
+    Row,
+    RowReader,
+    embedding_type,
+    input_kind,
+    open_reader,
+    open_writer,
+    vectors_to_arrow,
+)
+from embedpipe.service import EmbeddingService
+from embedpipe.settings import Settings
+
+OnError = Literal["skip", "fail"]
+
+MANIFEST_VERSION = 1
+# Chunks embedding at once: enough that the batcher never waits for the next chunk to be
+# read and looked up in the cache, few enough that memory stays flat.
+MAX_CHUNKS_IN_FLIGHT = 4
+# A dataset pass meets most texts once and the L2 keeps them all: a big L1 would only make
+# the process's memory grow with the input (unless the operator sized it on purpose).
+EMBED_L1_MAX_BYTES = 32 * 1024 * 1024
+MAX_BAD_ROW_WARNINGS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedJob:
+    input: Path
+    output: Path
+    format: OutputFormat
+    model: str
+    text_field: str = "text"
+    id_field: str | None = None
+    chunk_size: int = 256
+    on_error: OnError = "fail"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.output.with_name(self.output.name + ".parts")
+
+
+def default_output(input_path: Path) -> Path:
+    """``corpus.jsonl.gz`` -> ``corpus.embeddings.parquet``, next to the input."""
+    name = input_path.name
+    for suffix in reversed(input_path.suffixes[-2:]):
+        if suffix.lower() in (".gz", ".jsonl", ".ndjson", ".csv", ".parquet", ".txt"):
+            name = name.removesuffix(suffix)
+    return input_path.with_name(f"{name}.embeddings.parquet")
+
+
+@dataclass(slots=True)
+class ProgressUpdate:
+    """What a progress display shows; ``position``/``total`` are in the reader's unit."""
+
+    rows: int = 0  # rows written to parts, including those of earlier runs
+    embedded: int = 0  # rows embedded by this run
+    cache_hits: int = 0  # of ``embedded``
+    skipped: int = 0
+    position: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobReport:
+    output: Path
+    rows: int
+    skipped: int
+    embedded: int
+    resumed: int
+    cache_hits: int
+    seconds: float
+    already_complete: bool = False
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.cache_hits / self.embedded if self.embedded else 0.0
+
+    def summary(self) -> str:
+        if self.already_complete:
+            return (
+                f"{self.output} is already complete ({self.rows:,} rows); nothing to do. "
+                "Delete it to embed again."
+            )
+        parts = [
+            f"{self.rows:,} rows -> {self.output}",
+            f"embedded {self.embedded:,} in {self.seconds:.1f} s "
+            f"({self.rows_per_second:,.0f} rows/s)",
+            f"cache hits {self.hit_ratio:.1%}",
+        ]
+        if self.resumed:
+            parts.append(f"resumed: {self.resumed:,} rows were done before")
+        if self.skipped:
+            parts.append(f"skipped {self.skipped:,} bad rows")
+        return ", ".join(parts)
+
+
+@dataclass(slots=True)
+class _Chunk:
+    index: int
+    rows: list[Row] = field(default_factory=list)
+    bad: list[BadRow] = field(default_factory=list)
+    end_position: int = 0
+
+
+def _chunks(reader: RowReader, size: int) -> Generator[_Chunk, None, None]:
+    """Chunk k holds input rows [k*size, (k+1)*size): fixed by the input, so a resumed run
+    cuts exactly the same chunks."""
+    chunk = _Chunk(0)
+    for row in reader:
+        index = row.number // size
+        if index != chunk.index:
+            chunk.end_position = reader.position
+            yield chunk
+            chunk = _Chunk(index)
+        if isinstance(row, Row):
+            chunk.rows.append(row)
+        else:
+            chunk.bad.append(row)
+    if chunk.rows or chunk.bad:
+        chunk.end_position = reader.position
+        yield chunk
+
+
+class WorkDir:
+    """``OUTPUT.parts/``: the manifest, the committed parts, and a lock against a second run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock: int | None = None
+
+    def __enter__(self) -> Self:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / "lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatasetError(
+                f"another `embedpipe embed` is writing {self.path.name.removesuffix('.parts')}"
+            ) from None
+        self._lock = fd  # released by the kernel too when the process dies, even by SIGKILL
+        for stale in self.path.glob("*.tmp"):
+            stale.unlink()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self._atomic_write(self.manifest_path, json.dumps(manifest, indent=2).encode())
+
+    def part_path(self, index: int) -> Path:
+        return self.path / f"part-{index:09d}.arrow"
+
+    def committed(self) -> set[int]:
+        return {int(part.stem.removeprefix("part-")) for part in self.path.glob("part-*.arrow")}
+
+    def clear_parts(self) -> None:
+        for part in self.path.glob("part-*.arrow"):
+            part.unlink()
+
+    def commit(
+        self, index: int, ids: pa.Array, vectors: Matrix, skipped: int, id_type: pa.DataType
+    ) -> None:
+        """Write chunk ``index``'s output under its final name, all or nothing."""
+        schema = pa.schema(
+            [("id", id_type), ("embedding", embedding_type(vectors.shape[1]))],
+            metadata={"skipped": str(skipped)},
+        )
+        batch = pa.RecordBatch.from_arrays([ids, vectors_to_arrow(vectors)], schema=schema)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, schema) as writer:
+            writer.write_batch(batch)
+        self._atomic_write(self.part_path(index), sink.getvalue().to_pybytes())
+
+    def read_part(self, index: int) -> tuple[pa.Array, Matrix, int]:
+        """(ids, vectors, skipped rows) of a committed chunk."""
+        with pa.memory_map(str(self.part_path(index))) as source:
+            table = pa.ipc.open_file(source).read_all()
+        skipped = int((table.schema.metadata or {}).get(b"skipped", b"0"))
+        embeddings = table.column("embedding").combine_chunks()
+        dims = embeddings.type.list_size
+        flat = embeddings.values.to_numpy(zero_copy_only=False)
+        vectors: Matrix = np.asarray(flat, dtype=np.float32).reshape(-1, dims)
+        return table.column("id").combine_chunks(), vectors, skipped
+
+    def part_counts(self, index: int) -> tuple[int, int]:
+        """(rows, skipped) of a committed chunk, from its footer alone."""
+        with pa.memory_map(str(self.part_path(index))) as source:
+            reader = pa.ipc.open_file(source)
+            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+            skipped = int((reader.schema.metadata or {}).get(b"skipped", b"0"))
+        return rows, skipped
+
+    def _atomic_write(self, target: Path, data: bytes) -> None:
+        tmp = target.with_name(target.name + ".tmp")
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(self.path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+ProgressCallback = Callable[[ProgressUpdate], None]
+BadRowCallback = Callable[[BadRow], None]
+
+
+async def run_embed_job(
+    service: EmbeddingService,
+    job: EmbedJob,
+    *,
+    max_queue_texts: int = 8192,
+    on_progress: ProgressCallback | None = None,
+    on_bad_row: BadRowCallback | None = None,
+) -> JobReport:
+    """Embed ``job.input`` into ``job.output``, resuming an interrupted run of the same job.
+
+    Raises :class:`DatasetError` for an unusable input or, with ``on_error="fail"``, at the
+    first bad row (the chunks before it stay committed).
+    """
+    started = time.perf_counter()
+    input_kind(job.input)  # an unknown extension fails before any work
+    if job.input.resolve() == job.output.resolve():
+        raise DatasetError("the output would overwrite the input")
+    model = service.resolve_model(job.model)
+    embedder = service.models.get(model)
+    dims = embedder.info.dimensions
+    options = {
+        "model": model,
+        "model_fingerprint": embedder.fingerprint,
+        "text_field": job.text_field,
+        "id_field": job.id_field,
+        "chunk_size": job.chunk_size,
+        "on_error": job.on_error,
+    }
+    identity = {"version": MANIFEST_VERSION, "input": _file_identity(job.input), **options}
+    job_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    progress = ProgressUpdate()
+    report = on_progress or (lambda update: None)
+
+    with WorkDir(job.work_dir) as work:
+        manifest = work.read_manifest()
+        if manifest is not None and manifest.get("job_key") == job_key:
+            done = _finished(manifest, job)
+            if done is not None:
+                rows, skipped = done
+                return JobReport(
+                    job.output, rows, skipped, 0, rows, 0, time.perf_counter() - started, True
+                )
+            committed = work.committed()
+        else:
+            work.clear_parts()
+            work.write_manifest({"job_key": job_key, "state": "running", **identity})
+            committed = set()
+
+        with open_reader(job.input, text_field=job.text_field, id_field=job.id_field) as reader:
+            progress.total = reader.total
+            n_chunks = await _embed_chunks(
+                service,
+                job,
+                work,
+                reader,
+                committed,
+                progress,
+                report,
+                on_bad_row,
+                dims=dims,
+                in_flight=max(1, min(MAX_CHUNKS_IN_FLIGHT, max_queue_texts // job.chunk_size)),
+                slice_size=max_queue_texts,
+            )
+            id_type = reader.id_type
+
+        metadata = {"embedpipe.model": model, "embedpipe.model_fingerprint": embedder.fingerprint}
+        rows, skipped = await asyncio.to_thread(
+            _assemble, work, job, n_chunks, dims, id_type, metadata
+        )
+        output = _file_identity(job.output)
+        work.write_manifest(
+            {
+                "job_key": job_key,
+                "state": "complete",
+                **identity,
+                "result": {"format": job.format, "rows": rows, "skipped": skipped, **output},
+            }
+        )
+        work.clear_parts()
+    resumed = rows - progress.embedded
+    return JobReport(
+        output=job.output,
+        rows=rows,
+        skipped=skipped,
+        embedded=progress.embedded,
+        resumed=max(0, resumed),
+        cache_hits=progress.cache_hits,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _finished(manifest: dict[str, Any], job: EmbedJob) -> tuple[int, int] | None:
+    """(rows, skipped) when the manifest says this job is done and its output is untouched."""
+    result = manifest.get("result")
+    if manifest.get("state") != "complete" or not isinstance(result, dict):
+        return None
+    try:
+        output = _file_identity(job.output)
+    except OSError:
+        return None
+    same = result.get("format") == job.format and all(
+        result.get(key) == output[key] for key in ("path", "size", "mtime_ns")
+    )
+    return (int(result["rows"]), int(result["skipped"])) if same else None
+
+
+async def _embed_chunks(
+    service: EmbeddingService,
+    job: EmbedJob,
+    work: WorkDir,
+    reader: RowReader,
+    committed: set[int],
+    progress: ProgressUpdate,
+    report: ProgressCallback,
+    on_bad_row: BadRowCallback | None,
+    *,
+    dims: int,
+    in_flight: int,
+    slice_size: int,
+) -> int:
+    """Embed and commit every chunk not committed yet; returns the number of chunks."""
+    loop = asyncio.get_running_loop()
+    # One thread reads the input, so the event loop never blocks on it; it is joined before
+    # the reader closes, so a file is never closed under a read.
+    read_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-reader")
+    chunks = _chunks(reader, job.chunk_size)
+    running: set[asyncio.Task[None]] = set()
+    n_chunks = 0
+
+    async def embed_and_commit(chunk: _Chunk) -> None:
+        texts = [row.text for row in chunk.rows]
+        vectors = np.empty((len(texts), dims), dtype=np.float32)
+        hits = 0
+        for start in range(0, len(texts), slice_size):
+            result = await service.embed(job.model, texts[start : start + slice_size])
+            vectors[start : start + len(result.vectors)] = result.vectors
+            hits += result.cached_count
+        ids = pa.array([row.id for row in chunk.rows], type=reader.id_type)
+        await asyncio.to_thread(work.commit, chunk.index, ids, vectors, len(chunk.bad), ids.type)
+        progress.rows += len(texts)
+        progress.embedded += len(texts)
+        progress.cache_hits += hits
+        progress.skipped += len(chunk.bad)
+        progress.position = max(progress.position, chunk.end_position)
+        report(progress)
+
+    try:
+        while True:
+            chunk = await loop.run_in_executor(read_thread, next, chunks, None)
+            if chunk is None:
+                break
+            n_chunks = chunk.index + 1
+            if chunk.index in committed:
+                progress.rows += len(chunk.rows)
+                progress.skipped += len(chunk.bad)
+                progress.position = max(progress.position, chunk.end_position)
+                report(progress)
+                continue
+            if chunk.bad and job.on_error == "fail":
+                raise DatasetError(
+                    f"{chunk.bad[0].describe()} in {job.input.name}; fix the input, or pass "
+                    "--on-error skip to leave such rows out"
+                )
+            for bad in chunk.bad:
+                if on_bad_row is not None:
+                    on_bad_row(bad)
+            task = asyncio.create_task(embed_and_commit(chunk), name=f"chunk-{chunk.index}")
+            running.add(task)
+            if len(running) >= in_flight:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                _raise_first_error(done)
+        if running:
+            done, running = await asyncio.wait(running)
+            _raise_first_error(done)
+        progress.position = progress.total
+        report(progress)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        # Wait for a read in progress (one chunk at most) before the reader is closed.
+        await loop.run_in_executor(None, read_thread.shutdown)
+        chunks.close()
+    return n_chunks
+
+
+def _raise_first_error(done: set[asyncio.Task[None]]) -> None:
+    """Re-raise a finished chunk's error; every task's error is retrieved (none is logged
+    as "never retrieved")."""
+    errors = [task.exception() for task in done]
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+def _assemble(
+    work: WorkDir,
+    job: EmbedJob,
+    n_chunks: int,
+    dims: int,
+    id_type: pa.DataType,
+    metadata: dict[str, str],
+) -> tuple[int, int]:
+    """Concatenate parts 0..n-1 into the output (written aside, then renamed into place)."""
+    missing = set(range(n_chunks)) - work.committed()
+    if missing:
+        raise DatasetError(f"internal error: chunks {sorted(missing)[:5]} were never committed")
+    counts = [work.part_counts(index) for index in range(n_chunks)]
+    rows = sum(count for count, _ in counts)
+    skipped = sum(bad for _, bad in counts)
+    tmp = work.path / f"assembling-{job.output.name}"
+    with open_writer(
+        tmp, job.format, dims=dims, id_type=id_type, rows=rows, metadata=metadata
+    ) as writer:
+        for index in range(n_chunks):
+            ids, vectors, _ = work.read_part(index)
+            writer.write(ids, vectors)
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, job.output)
+    _fsync_dir(job.output.parent)
+    return rows, skipped
+
+
+class RichProgress:
+    """A progress bar: rows, rows/s, ETA and cache hits, refreshed by rich ~10 times a second.
+
+    Use as a context manager and pass ``update`` as the job's ``on_progress``.
+    """
+
+    def __init__(self, console: Console, description: str) -> None:
+        self._started = time.perf_counter()
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[rows]} rows"),
+            TextColumn("{task.fields[rate]} rows/s"),
+            TextColumn("cache hits {task.fields[hits]}"),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task: TaskID = self._progress.add_task(
+            description, total=None, rows="0", rate="-", hits="-"
+        )
+
+    def update(self, update: ProgressUpdate) -> None:
+        if not self._progress.live.is_started:
+            # Started by the first update: a job that finds nothing to do shows no bar.
+            self._started = time.perf_counter()
+            self._progress.start()
+        elapsed = time.perf_counter() - self._started
+        self._progress.update(
+            self._task,
+            total=update.total or None,
+            completed=update.position,
+            rows=f"{update.rows:,}",
+            rate=f"{update.embedded / elapsed:,.0f}" if elapsed > 0 else "-",
+            hits=f"{update.cache_hits / update.embedded:.0%}" if update.embedded else "-",
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with contextlib.suppress(Exception):
+            self._progress.stop()
+
+
+def settings_for_embed(settings: Settings, model: str | None) -> Settings:
+    """The process's settings narrowed to one dataset job: only ``model`` (a served name or
+    alias, or a sentence-transformers directory; default ``EMBEDPIPE_MODEL``) is loaded."""
+    source = settings.model
+    if model:
+        specs = parse_model_specs(settings.model, settings.extra_models)
+        source = next((spec.source for spec in specs if model in (spec.name, *spec.aliases)), model)
+    cache = settings.cache
+    if "l1_max_bytes" not in cache.model_fields_set:
+        cache = cache.model_copy(
+            update={"l1_max_bytes": min(cache.l1_max_bytes, EMBED_L1_MAX_BYTES)}
+        )
+    return settings.model_copy(update={"model": source, "extra_models": "", "cache": cache})
+
+
+async def embed_file(
+    settings: Settings,
+    *,
+    input_path: Path,
+    output: Path,
+    fmt: OutputFormat,
+    text_field: str,
+    id_field: str | None,
+    chunk_size: int,
+    on_error: OnError,
+    console: Console,
+    quiet: bool,
+) -> JobReport:
+    """Open the process's runtime (model, cache, batcher), run one job, close it."""
+    from embedpipe.runtime import Runtime
+
+    runtime = await Runtime.open(settings)
+    try:
+        job = EmbedJob(
+            input=input_path,
+            output=output,
+            format=fmt,
+            model=runtime.default_model,
+            text_field=text_field,
+            id_field=id_field,
+            chunk_size=chunk_size,
+            on_error=on_error,
+        )
+        warned = 0
+
+        def warn(bad: BadRow) -> None:
+            nonlocal warned
+            warned += 1
+            if warned <= MAX_BAD_ROW_WARNINGS:
+                console.print(f"[yellow]skipped {bad.describe()}", highlight=False)
+            elif warned == MAX_BAD_ROW_WARNINGS + 1:
+                console.print("[yellow]more bad rows skipped; the summary counts them")
+
+        run = functools.partial(
+            run_embed_job,
+            runtime.service,
+            job,
+            max_queue_texts=settings.batching.max_queue_texts,
+            on_bad_row=warn,
+        )
+        if quiet:
+            return await run()
+        with RichProgress(console, f"embedding {input_path.name}") as bar:
+            return await run(on_progress=bar.update)
+    finally:
+        await runtime.close()

@@ -1,0 +1,96 @@
+"""OpenAI's File and Batch objects, as plain JSON-able dicts, and the ids that name them.
+
+Ids are unguessable (96 random bits) and checked against a strict pattern before they
+touch the disk, so no id can walk out of the data dir.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+BATCH_STATUSES = (
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+)
+ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+FILE_PURPOSES = ("batch", "batch_output")
+COMPLETION_WINDOW_SECONDS = {"24h": 24 * 3600}
+
+_FILE_ID = re.compile(r"file-[0-9a-f]{24}")
+_BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
+
+JsonDict = dict[str, Any]
+
+
+def new_file_id() -> str:
+    return f"file-{secrets.token_hex(12)}"
+
+
+def new_batch_id() -> str:
+    return f"batch_{secrets.token_hex(12)}"
+
+
+def is_file_id(value: str) -> bool:
+    return _FILE_ID.fullmatch(value) is not None
+
+
+def is_batch_id(value: str) -> bool:
+    return _BATCH_ID.fullmatch(value) is not None
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def file_object(file_id: str, filename: str, purpose: str, size: int) -> JsonDict:
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": now(),
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+        "expires_at": None,
+        "status_details": None,
+    }
+
+
+def batch_object(
+    batch_id: str,
+    input_file_id: str,
+    completion_window: str,
+    metadata: dict[str, str] | None,
+) -> JsonDict:
+    created = now()
+    return {
+        "id": batch_id,
+        "object": "batch",
+        "endpoint": "/v1/embeddings",
+        "errors": None,
+        "input_file_id": input_file_id,
+        "completion_window": completion_window,
+        "status": "validating",
+        "output_file_id": None,
+        "error_file_id": None,
+        "created_at": created,
+        "in_progress_at": None,
+        "expires_at": created + COMPLETION_WINDOW_SECONDS[completion_window],
+        "finalizing_at": None,
+        "completed_at": None,
+        "failed_at": None,
+        "expired_at": None,
+        "cancelling_at": None,
+        "cancelled_at": None,
+        "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        "metadata": metadata,
+    }

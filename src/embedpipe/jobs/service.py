@@ -1,0 +1,140 @@
+"""JobService: what the Files and Batch routes ask of the job machinery (no HTTP here)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import BinaryIO
+
+from embedpipe import metrics
+from embedpipe.errors import InvalidInput, NotFound
+from embedpipe.jobs.objects import (
+    COMPLETION_WINDOW_SECONDS,
+    JsonDict,
+    batch_object,
+    file_object,
+    is_batch_id,
+    is_file_id,
+    new_batch_id,
+    new_file_id,
+)
+from embedpipe.jobs.processor import BatchProcessor
+from embedpipe.jobs.runner import Runner
+from embedpipe.jobs.storage import Storage
+from embedpipe.jobs.store import JobStore
+from embedpipe.settings import JobsSettings
+
+
+class JobService:
+    def __init__(
+        self,
+        store: JobStore,
+        storage: Storage,
+        settings: JobsSettings,
+        processor: BatchProcessor,
+        runner: Runner,
+    ) -> None:
+        self._store = store
+        self._storage = storage
+        self._settings = settings
+        self._processor = processor
+        self._runner = runner
+
+    async def close(self) -> None:
+        await self._runner.close()
+        await self._store.close()
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def upload(self, filename: str, purpose: str, source: BinaryIO) -> JsonDict:
+        if purpose != "batch":
+            raise InvalidInput(f"'purpose' must be \"batch\" (got {purpose!r}).", param="purpose")
+        file_id = new_file_id()
+        size = await asyncio.to_thread(
+            self._storage.save_upload, file_id, source, self._settings.max_file_bytes
+        )
+        file = file_object(file_id, filename[:255] or "upload.jsonl", purpose, size)
+        await self._store.put_file(file)
+        return file
+
+    async def file(self, file_id: str) -> JsonDict:
+        file = await self._store.get_file(file_id) if is_file_id(file_id) else None
+        if file is None:
+            raise NotFound(f"No such file: '{file_id}'.", param="file_id")
+        return file
+
+    async def file_path(self, file_id: str) -> Path:
+        await self.file(file_id)
+        return self._storage.file_path(file_id)
+
+    async def delete_file(self, file_id: str) -> JsonDict:
+        await self.file(file_id)
+        await self._store.delete_file(file_id)
+        self._storage.delete_file(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    async def files(self, purpose: str | None, after: str | None, limit: int) -> list[JsonDict]:
+        return await self._store.list_files(purpose, after, limit)
+
+    # -- batches ---------------------------------------------------------------------------
+
+    async def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+    ) -> JsonDict:
+        if endpoint != "/v1/embeddings":
+            raise InvalidInput(
+                f"'endpoint' must be \"/v1/embeddings\" (got {endpoint!r}).", param="endpoint"
+            )
+        if completion_window not in COMPLETION_WINDOW_SECONDS:
+            raise InvalidInput(
+                f"'completion_window' must be one of {sorted(COMPLETION_WINDOW_SECONDS)}.",
+                param="completion_window",
+            )
+        file = await self.file(input_file_id)
+        if file["purpose"] != "batch":
+            raise InvalidInput(
+                f"File '{input_file_id}' has purpose {file['purpose']!r}, not \"batch\".",
+                param="input_file_id",
+            )
+        batch = batch_object(new_batch_id(), input_file_id, completion_window, metadata)
+        await self._store.put_batch(batch)
+        await self._runner.submit(batch["id"])
+        metrics.JOBS_SUBMITTED.inc()
+        return public(batch)
+
+    async def batch(self, batch_id: str) -> JsonDict:
+        batch = await self._store.get_batch(batch_id) if is_batch_id(batch_id) else None
+        if batch is None:
+            raise NotFound(f"No such batch: '{batch_id}'.", param="batch_id")
+        if batch["status"] in ("in_progress", "cancelling", "finalizing"):
+            # Live progress: the final counts are written when the batch finalizes.
+            counts = await self._store.chunk_counts(batch_id)
+            batch["request_counts"] = {
+                "total": batch["request_counts"]["total"],
+                "completed": counts.completed,
+                "failed": counts.failed + int(batch.get("_prepare_failed", 0)),
+            }
+        return public(batch)
+
+    async def batches(self, after: str | None, limit: int) -> list[JsonDict]:
+        return [public(batch) for batch in await self._store.list_batches(after, limit)]
+
+    async def cancel(self, batch_id: str) -> JsonDict:
+        batch = await self.batch(batch_id)
+        if batch["status"] in ("cancelling", "cancelled"):
+            return batch
+        if not await self._processor.cancel(batch_id):
+            raise InvalidInput(
+                f"Batch '{batch_id}' is {batch['status']} and cannot be cancelled.",
+                param="batch_id",
+            )
+        return await self.batch(batch_id)
+
+
+def public(batch: JsonDict) -> JsonDict:
+    """The OpenAI object, without our bookkeeping fields (they start with an underscore)."""
+    return {key: value for key, value in batch.items() if not key.startswith("_")}
