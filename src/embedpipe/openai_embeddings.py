@@ -1,33 +1,49 @@
 """OpenAI's embeddings operation without HTTP: a request body in, a response body out.
 
-The ``/v1/embeddings`` route and batch jobs both answer through this function, so a batch
-line gets exactly what the same request would get online.
+The ``/v1/embeddings`` route and batch jobs both answer through these functions, so a batch
+line gets exactly what the same request would get online. The route runs the steps itself
+(``prepare``, then its own token charge, then ``respond``); batches call ``create_embeddings``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from embedpipe.api.schemas import EmbeddingRequest
 from embedpipe.inputs import TokenDecoder, normalize_input
-from embedpipe.service import EmbeddingService
+from embedpipe.service import EmbeddingService, EmbedResult
 from embedpipe.settings import LimitsSettings
 from embedpipe.vectors import check_dimensions, to_base64, truncate
 
 
-async def create_embeddings(
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    model: str
+    texts: list[str]
+    dimensions: int | None
+    encoding_format: str
+
+
+def prepare(
     service: EmbeddingService,
     decoder: TokenDecoder,
     limits: LimitsSettings,
     request: EmbeddingRequest,
-) -> dict[str, Any]:
-    """The response body (vectors as float32 arrays: serialise with orjson's numpy option)."""
+) -> PreparedRequest:
+    """Validate the request: the served model, ``dimensions`` and the texts (InvalidInput or
+    ModelNotFound otherwise)."""
     model = service.resolve_model(request.model)
     dimensions = check_dimensions(request.dimensions, service.models.get(model).info.dimensions)
     texts = normalize_input(request.input, limits, decoder)
-    result = await service.embed(model, texts)
-    vectors = truncate(result.vectors, dimensions)
-    encode = to_base64 if request.encoding_format == "base64" else _as_is
+    return PreparedRequest(model, texts, dimensions, request.encoding_format)
+
+
+def respond(prepared: PreparedRequest, result: EmbedResult) -> dict[str, Any]:
+    """The response body (float vectors stay float32 arrays: serialise with orjson's numpy
+    option)."""
+    vectors = truncate(result.vectors, prepared.dimensions)
+    encode = to_base64 if prepared.encoding_format == "base64" else _as_is
     return {
         "object": "list",
         "data": [
@@ -37,6 +53,16 @@ async def create_embeddings(
         "model": result.model,
         "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
     }
+
+
+async def create_embeddings(
+    service: EmbeddingService,
+    decoder: TokenDecoder,
+    limits: LimitsSettings,
+    request: EmbeddingRequest,
+) -> dict[str, Any]:
+    prepared = prepare(service, decoder, limits, request)
+    return respond(prepared, await service.embed(prepared.model, prepared.texts))
 
 
 def _as_is(vector: Any) -> Any:

@@ -10,9 +10,8 @@ from starlette.responses import Response
 from embedpipe.api.deps import get_runtime, json_response, unless_disconnected
 from embedpipe.api.schemas import EmbeddingRequest, EmbeddingResponse, ErrorBody, ModelList
 from embedpipe.api.security import admit
-from embedpipe.inputs import normalize_input
+from embedpipe.openai_embeddings import prepare, respond
 from embedpipe.runtime import Runtime
-from embedpipe.vectors import check_dimensions, to_base64, truncate
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -29,33 +28,14 @@ async def create_embeddings(
 ) -> Response:
     """Embed one text or many, as OpenAI's embeddings API does."""
     service = runtime.service
-    model = service.resolve_model(body.model)
-    dimensions = check_dimensions(body.dimensions, service.models.get(model).info.dimensions)
-    texts = normalize_input(body.input, runtime.settings.limits, runtime.token_decoder)
+    prepared = prepare(service, runtime.token_decoder, runtime.settings.limits, body)
     # Counted once: the token budget is charged what `usage` reports, before any work.
-    tokens = await service.count_tokens(model, texts)
+    tokens = await service.count_tokens(prepared.model, prepared.texts)
     limit_headers = await admit(request, runtime, sum(tokens), param="input")
-    result = await unless_disconnected(request, service.embed(model, texts, tokens))
-    vectors = truncate(result.vectors, dimensions)
-    if body.encoding_format == "base64":
-        data = [
-            {"object": "embedding", "index": index, "embedding": to_base64(vector)}
-            for index, vector in enumerate(vectors)
-        ]
-    else:
-        data = [
-            {"object": "embedding", "index": index, "embedding": vector}
-            for index, vector in enumerate(vectors)
-        ]
-    return json_response(
-        {
-            "object": "list",
-            "data": data,
-            "model": result.model,
-            "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
-        },
-        headers=limit_headers,
+    result = await unless_disconnected(
+        request, service.embed(prepared.model, prepared.texts, tokens)
     )
+    return json_response(respond(prepared, result), headers=limit_headers)
 
 
 def _model_objects(runtime: Runtime) -> list[dict[str, object]]:
