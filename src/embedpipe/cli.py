@@ -108,7 +108,7 @@ def models() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings()
     table = Table("name", "aliases", "backend", "dims", "window", "sha256", "source")
-    for spec in parse_model_specs(settings.model, settings.extra_models):
+    for spec in parse_model_specs(settings.model, settings.extra_models, settings.backend):
         info = load_embedder(spec).info
         table.add_row(
             info.name,

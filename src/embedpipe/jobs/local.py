@@ -563,7 +563,7 @@ def settings_for_embed(settings: Settings, model: str | None) -> Settings:
     alias, or a sentence-transformers directory; default ``EMBEDPIPE_MODEL``) is loaded."""
     source = settings.model
     if model:
-        specs = parse_model_specs(settings.model, settings.extra_models)
+        specs = parse_model_specs(settings.model, settings.extra_models, settings.backend)
         source = next((spec.source for spec in specs if model in (spec.name, *spec.aliases)), model)
     cache = settings.cache
     if "l1_max_bytes" not in cache.model_fields_set:
