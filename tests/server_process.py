@@ -76,14 +76,19 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample on /metrics (0 when absent)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=5.0).text
-        wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            series, _, value = line.rpartition(" ")
-            metric, _, label_text = series.partition("{")
-            present = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-            if metric == name and present == wanted:
-                return float(value)
-        return 0.0
+        return scrape_metric(self.url, name, **labels)
+
+
+def scrape_metric(base_url: str, name: str, **labels: str) -> float:
+    """The value of one sample on ``base_url``/metrics (0 when absent)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=5.0).text
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        metric, _, label_text = series.partition("{")
+        present = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+        if metric == name and present == wanted:
+            return float(value)
+    return 0.0

@@ -9,21 +9,32 @@ import sys
 import time
 from pathlib import Path
 
+from tests.server_process import free_port, scrape_metric
+
 
 class WorkerProcess:
     def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
         self.log_path = log_path
         self.name = name
+        # Its own /metrics port (`--metrics-port`), so tests can see what this worker did.
+        self.metrics_port = free_port()
         self._env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "EMBEDPIPE_MODEL_THREADS": "1",
+            "EMBEDPIPE_JOBS__WORKER_METRICS_PORT": str(self.metrics_port),
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
+        # The log is appended to across restarts: wait for a "ready." of this start.
+        readies = (
+            self.log_path.read_text(errors="replace").count("ready.")
+            if (self.log_path.exists())
+            else 0
+        )
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "embedpipe", "worker", "--hostname", self.name],
@@ -33,7 +44,7 @@ class WorkerProcess:
                 stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout
-        while "ready." not in self.logs():
+        while self.log_path.read_text(errors="replace").count("ready.") <= readies:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.logs()}")
             if time.monotonic() > deadline:
@@ -56,6 +67,11 @@ class WorkerProcess:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.kill()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample from this worker's /metrics (0 when absent)."""
+        host = self._env.get("EMBEDPIPE_HOST", "127.0.0.1")
+        return scrape_metric(f"http://{host}:{self.metrics_port}", name, **labels)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")[-8000:] if self.log_path.exists() else ""

@@ -167,6 +167,13 @@ def worker(
     hostname: Annotated[
         str | None, typer.Option(help="Worker name (default: celery@<host>.<pid>).")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve Prometheus /metrics on this port (default: "
+            "EMBEDPIPE_JOBS__WORKER_METRICS_PORT; 0 = off)."
+        ),
+    ] = None,
 ) -> None:
     """Run batch-job chunks from the Redis broker (needs EMBEDPIPE_REDIS_URL or _BROKER_URL).
 
@@ -182,6 +189,12 @@ def worker(
     if not settings.effective_broker_url:
         console.print("[red]embedpipe worker needs EMBEDPIPE_REDIS_URL or EMBEDPIPE_BROKER_URL")
         raise typer.Exit(2)
+    port = settings.jobs.worker_metrics_port if metrics_port is None else metrics_port
+    if port:
+        from embedpipe import metrics
+
+        metrics.serve_exposition(settings.host, port)
+        console.print(f"metrics on http://{settings.host}:{port}/metrics")
     celery = create_celery(settings)
     register_tasks(celery, WorkerContext(settings), settings.jobs.queue)
     name = hostname or f"embedpipe@{socket.gethostname()}.{os.getpid()}"
@@ -242,10 +255,24 @@ def embed(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     server: Annotated[
         str | None,
-        typer.Option(help="Submit to a running embedpipe at this URL instead (Batch API)."),
+        typer.Option(
+            help="Submit to a running embedpipe at this URL instead (the Batch API), follow "
+            "its progress and download the result."
+        ),
     ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EMBEDPIPE_CLIENT_API_KEY", help="--server's API key (when it needs one)."
+        ),
+    ] = None,
+    batch_rows: Annotated[
+        int,
+        typer.Option(min=1, help="--server: rows per submitted batch (the server's limit)."),
+    ] = 50_000,
 ) -> None:
-    """Embed a dataset file in this process, through the same cache and batcher as the server.
+    """Embed a dataset file in this process, through the same cache and batcher as the server,
+    or with --server as batch jobs on a running service.
 
     Resumable: after an interruption, run the same command again to continue.
     """
@@ -256,9 +283,21 @@ def embed(
 
     err = Console(stderr=True)
     if server is not None:
-        # Hook for the Batch API client: upload INPUT, create a batch, follow it, download.
-        err.print("[red]--server is not implemented yet[/red]; run without it to embed locally")
-        raise typer.Exit(2)
+        _embed_on_server(
+            err,
+            server,
+            api_key,
+            input_path=input_path,
+            output=output or default_output(input_path),
+            output_format=output_format,
+            model=model,
+            text_field=text_field,
+            id_field=id_field,
+            on_error=on_error,
+            batch_rows=batch_rows,
+            quiet=quiet,
+        )
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ours is the only bar
     settings = _settings()
@@ -287,6 +326,71 @@ def embed(
     except KeyboardInterrupt:
         err.print("interrupted: finished chunks are kept; run the same command to resume")
         raise typer.Exit(130) from None
+    err.print(report.summary(), highlight=False, soft_wrap=True)
+
+
+def _embed_on_server(
+    err: Console,
+    server: str,
+    api_key: str | None,
+    *,
+    input_path: Path,
+    output: Path,
+    output_format: str | None,
+    model: str | None,
+    text_field: str,
+    id_field: str | None,
+    on_error: str,
+    batch_rows: int,
+    quiet: bool,
+) -> None:
+    from openai import APIError, APIStatusError, OpenAI, OpenAIError
+
+    from embedpipe.errors import EmbedpipeError
+    from embedpipe.jobs.formats import output_format as format_of
+    from embedpipe.jobs.progress import RichProgress
+    from embedpipe.jobs.remote import RemoteJob, run_remote_job
+
+    client = OpenAI(base_url=server.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=3)
+    try:
+        job = RemoteJob(
+            server=server,
+            input=input_path,
+            output=output,
+            format=format_of(output, output_format),
+            model=model,
+            text_field=text_field,
+            id_field=id_field,
+            on_error=on_error,
+            batch_rows=batch_rows,
+        )
+
+        def notice(message: str) -> None:
+            err.print(f"[yellow]{message}", highlight=False)
+
+        if quiet:
+            report = run_remote_job(client, job, notice=notice)
+        else:
+            bar = RichProgress(err, f"embedding {input_path.name} on {server}", cache_hits=False)
+            with bar:
+                report = run_remote_job(client, job, on_progress=bar.update, notice=notice)
+    except EmbedpipeError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        raise typer.Exit(1) from None
+    except APIStatusError as exc:
+        err.print(f"[red]the server answered {exc.status_code}:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+    except (APIError, OpenAIError) as exc:
+        err.print(f"[red]cannot reach {server}:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print(
+            "interrupted: the batches keep running on the server; run the same command "
+            "to pick them up and download the result"
+        )
+        raise typer.Exit(130) from None
+    finally:
+        client.close()
     err.print(report.summary(), highlight=False, soft_wrap=True)
 
 

@@ -24,6 +24,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client import multiprocess as _multiprocess
 
@@ -123,7 +124,7 @@ JOBS = Counter(
 JOBS_SUBMITTED = Counter("embedpipe_jobs_submitted", "Batch jobs accepted.")
 JOB_ITEMS = Counter(
     "embedpipe_job_items",
-    "Requests (lines) of batch jobs processed, by outcome (succeeded or failed).",
+    "Requests (lines) of batch jobs processed, by outcome (succeeded, failed or expired).",
     ["status"],
 )
 JOB_CHUNK_SECONDS = Histogram(
@@ -171,6 +172,17 @@ def exposition() -> tuple[bytes, str]:
     registry = CollectorRegistry()
     _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def serve_exposition(host: str, port: int) -> None:
+    """Serve ``/metrics`` on its own port from a daemon thread: a Celery worker has no HTTP
+    server of its own, yet its job metrics must reach Prometheus."""
+    if multiprocess_dir() is None:
+        start_http_server(port, addr=host, registry=REGISTRY)
+        return
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)
 
 
 def process_exiting() -> None:

@@ -84,6 +84,13 @@ class JobsSettings(BaseModel):
     # worker's work is redelivered). Must exceed the time of one chunk.
     visibility_timeout_seconds: int = Field(600, ge=1)
     queue: str = "embedpipe"
+    # `embedpipe worker` serves Prometheus /metrics (job items, chunk durations) on this port
+    # at EMBEDPIPE_HOST; 0 = off.
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
+    # A batch not finished within its completion window (OpenAI's "24h") expires: chunks
+    # not yet computed are skipped, their requests go to the error file as batch_expired,
+    # finished ones stay in the output. A positive value overrides the window (seconds).
+    expire_after_seconds: int = Field(0, ge=0)
 
 
 class Settings(BaseSettings):

@@ -74,10 +74,11 @@ def _completed(client: OpenAI, batch_id: str) -> int:
 def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
     cluster: Cluster, reference_model: Any
 ) -> None:
-    texts = texts_for(600, "sigkill")
+    # The bar: 3,000 inputs through the unmodified SDK, one worker SIGKILLed mid-job.
+    texts = texts_for(3000, "sigkill")
     batch = submit(cluster.client, [request_line(key, text) for key, text in texts.items()])
     deadline = time.monotonic() + 120
-    while _completed(cluster.client, batch.id) < 50:
+    while _completed(cluster.client, batch.id) < 300:
         assert time.monotonic() < deadline, "no progress before the kill"
         time.sleep(0.2)
     victim = cluster.workers[0]
@@ -85,10 +86,12 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
     done = wait_for(cluster.client, batch.id, ("completed", "failed"), timeout=300)
     assert done.status == "completed"
     assert done.request_counts is not None
-    assert (done.request_counts.completed, done.request_counts.failed) == (600, 0)
-    vectors = vectors_by_custom_id(read_lines(cluster.client, done.output_file_id))
+    assert (done.request_counts.completed, done.request_counts.failed) == (3000, 0)
+    output = read_lines(cluster.client, done.output_file_id)
+    assert len(output) == 3000  # nothing twice
+    vectors = vectors_by_custom_id(output)
     assert set(vectors) == set(texts)
-    keys = list(texts)[::30]
+    keys = list(texts)[::100]
     assert_same_vectors(
         [vectors[key] for key in keys],
         reference_vectors(reference_model, [texts[key] for key in keys]),
@@ -98,6 +101,7 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
 
 def test_duplicated_chunk_tasks_change_nothing(cluster: Cluster) -> None:
     texts = texts_for(150, "duplicate")
+    items_before = _items_done(cluster)
     batch = submit(cluster.client, [request_line(key, text) for key, text in texts.items()])
     wait_for(cluster.client, batch.id, ("in_progress", "completed"), timeout=120)
     celery = create_celery(Settings(redis_url=cluster.env["EMBEDPIPE_REDIS_URL"]))
@@ -111,6 +115,14 @@ def test_duplicated_chunk_tasks_change_nothing(cluster: Cluster) -> None:
     output = read_lines(cluster.client, done.output_file_id)
     assert set(vectors_by_custom_id(output)) == set(texts)
     assert cluster.client.batches.retrieve(batch.id).request_counts == done.request_counts
+    # Each worker's /metrics counts only the chunks it committed: together, each item once.
+    assert _items_done(cluster) - items_before == 150
+
+
+def _items_done(cluster: Cluster) -> float:
+    return sum(
+        worker.metric("embedpipe_job_items_total", status="succeeded") for worker in cluster.workers
+    )
 
 
 def test_cancel_on_workers(cluster: Cluster) -> None:

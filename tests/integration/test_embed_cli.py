@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,23 +25,20 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from openai import NotFoundError, OpenAI
 
 from embedpipe.batcher import MicroBatcher
 from embedpipe.cache import MemoryTier, TieredCache
 from embedpipe.embedders import ModelRegistry, ModelSpec
 from embedpipe.errors import ModelFailed
 from embedpipe.jobs.formats import DatasetError, OutputFormat
-from embedpipe.jobs.local import (
-    EmbedJob,
-    JobReport,
-    ProgressUpdate,
-    default_output,
-    run_embed_job,
-)
+from embedpipe.jobs.local import EmbedJob, default_output, run_embed_job
+from embedpipe.jobs.progress import JobReport, ProgressUpdate
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import BatchingSettings, CacheSettings
 from tests.fakes import FakeEmbedder, vector_for
 from tests.integration.conftest import assert_same_vectors, reference_vectors
+from tests.server_process import ServerProcess
 
 
 def read_output(path: Path) -> tuple[list[Any], np.ndarray]:
@@ -321,7 +319,7 @@ def test_each_input_format_row_by_row_against_the_reference_model(
     assert f"{len(texts)} rows -> {output}" in result.stderr
     if source == "in.txt":
         assert "skipped row 4: empty line" in result.stderr
-        assert "skipped 1 bad rows" in result.stderr
+        assert "skipped 1 bad or failed rows" in result.stderr
     ids, vectors = read_output(tmp_path / output)
     assert ids == want_ids
     assert_same_vectors(vectors, reference_vectors(reference_model, texts))
@@ -414,3 +412,60 @@ def test_usage_errors_need_no_model(tmp_path: Path) -> None:
     assert result.returncode == 1 and "--format" in result.stderr
     result = embed_cli(tmp_path, "in.jsonl", "--server", "http://x:8000", check=False)
     assert result.returncode == 2 and "--server is not implemented yet" in result.stderr
+
+
+@pytest.mark.model
+@pytest.mark.server
+def test_on_a_server_as_batches_killed_then_picked_up_row_by_row(
+    tmp_path: Path, embedded_server: ServerProcess, reference_model: Any
+) -> None:
+    """``--server``: the file becomes Batch API jobs (3 segments of at most 50 rows); the CLI
+    killed after submitting picks the same batches up instead of submitting again."""
+    texts = [f"{TEXTS[i % len(TEXTS)]} (row {i})" for i in range(120)]
+    keys = [f"doc-{i}" for i in range(120)]
+    source = write_jsonl(tmp_path / f"remote-{uuid.uuid4().hex[:8]}.jsonl", texts, key=keys)
+    with source.open("a", encoding="utf-8") as handle:
+        handle.write('{"key": "no-text"}\n')  # a bad row, left out with --on-error skip
+    args = [str(source), "-o", "out.parquet", "--id-field", "key", "--on-error", "skip"]
+    args += ["--server", embedded_server.url, "--batch-rows", "50"]
+    state_path = tmp_path / "out.parquet.remote.json"
+
+    first = subprocess.Popen(
+        [sys.executable, "-m", "embedpipe", "embed", *args, "--quiet"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (state_path.exists() and json.loads(state_path.read_text())["batches"]):
+        assert first.poll() is None or first.returncode == 0, "the first run failed"
+        assert time.monotonic() < deadline, "no batch submitted"
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+
+    result = embed_cli(tmp_path, *args)
+    assert "picking up" in result.stderr
+    assert "120 rows -> out.parquet" in result.stderr
+    assert f"on {embedded_server.url}" in result.stderr
+    assert "skipped 1 bad or failed rows" in result.stderr
+    ids, vectors = read_output(tmp_path / "out.parquet")
+    assert ids == keys
+    assert_same_vectors(vectors, reference_vectors(reference_model, texts))
+
+    batch_ids = json.loads(state_path.read_text())["batches"]
+    assert len(batch_ids) == 3
+    client = OpenAI(base_url=f"{embedded_server.url}/v1", api_key="unused", max_retries=0)
+    with client:
+        ours = [
+            batch.id
+            for batch in client.batches.list(limit=100)
+            if batch.metadata and batch.metadata.get("embedpipe_input") == source.name
+        ]
+        assert sorted(ours) == sorted(batch_ids)  # nothing was submitted twice
+        input_file = client.batches.retrieve(batch_ids[0]).input_file_id
+        with pytest.raises(NotFoundError):
+            client.files.retrieve(input_file)  # the CLI cleaned up after itself
+
+    again = embed_cli(tmp_path, *args)
+    assert "already complete" in again.stderr

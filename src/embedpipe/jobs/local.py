@@ -16,8 +16,6 @@ Memory is bounded by the chunks in flight and one Parquet row group, whatever th
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -27,34 +25,25 @@ from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
 from embedpipe.embedders import parse_model_specs
 from embedpipe.jobs.formats import (
     BadRow,
     DatasetError,
-    Matrix,
     OutputFormat,
     Row,
     RowReader,
-    embedding_type,
     input_kind,
     open_reader,
     open_writer,
-    vectors_to_arrow,
 )
+from embedpipe.jobs.progress import JobReport, ProgressUpdate, RichProgress
+from embedpipe.jobs.workdir import WorkDir, file_identity, fsync_dir
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import Settings
 
@@ -96,56 +85,6 @@ def default_output(input_path: Path) -> Path:
 
 
 @dataclass(slots=True)
-class ProgressUpdate:
-    """What a progress display shows; ``position``/``total`` are in the reader's unit."""
-
-    rows: int = 0  # rows written to parts, including those of earlier runs
-    embedded: int = 0  # rows embedded by this run
-    cache_hits: int = 0  # of ``embedded``
-    skipped: int = 0
-    position: int = 0
-    total: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class JobReport:
-    output: Path
-    rows: int
-    skipped: int
-    embedded: int
-    resumed: int
-    cache_hits: int
-    seconds: float
-    already_complete: bool = False
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.embedded / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def hit_ratio(self) -> float:
-        return self.cache_hits / self.embedded if self.embedded else 0.0
-
-    def summary(self) -> str:
-        if self.already_complete:
-            return (
-                f"{self.output} is already complete ({self.rows:,} rows); nothing to do. "
-                "Delete it to embed again."
-            )
-        parts = [
-            f"{self.rows:,} rows -> {self.output}",
-            f"embedded {self.embedded:,} in {self.seconds:.1f} s "
-            f"({self.rows_per_second:,.0f} rows/s)",
-            f"cache hits {self.hit_ratio:.1%}",
-        ]
-        if self.resumed:
-            parts.append(f"resumed: {self.resumed:,} rows were done before")
-        if self.skipped:
-            parts.append(f"skipped {self.skipped:,} bad rows")
-        return ", ".join(parts)
-
-
-@dataclass(slots=True)
 class _Chunk:
     index: int
     rows: list[Row] = field(default_factory=list)
@@ -170,115 +109,6 @@ def _chunks(reader: RowReader, size: int) -> Generator[_Chunk, None, None]:
     if chunk.rows or chunk.bad:
         chunk.end_position = reader.position
         yield chunk
-
-
-class WorkDir:
-    """``OUTPUT.parts/``: the manifest, the committed parts, and a lock against a second run."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock: int | None = None
-
-    def __enter__(self) -> Self:
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / "lock", os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DatasetError(
-                f"another `embedpipe embed` is writing {self.path.name.removesuffix('.parts')}"
-            ) from None
-        self._lock = fd  # released by the kernel too when the process dies, even by SIGKILL
-        for stale in self.path.glob("*.tmp"):
-            stale.unlink()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
-
-    def read_manifest(self) -> dict[str, Any] | None:
-        try:
-            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return manifest if isinstance(manifest, dict) else None
-
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        self._atomic_write(self.manifest_path, json.dumps(manifest, indent=2).encode())
-
-    def part_path(self, index: int) -> Path:
-        return self.path / f"part-{index:09d}.arrow"
-
-    def committed(self) -> set[int]:
-        return {int(part.stem.removeprefix("part-")) for part in self.path.glob("part-*.arrow")}
-
-    def clear_parts(self) -> None:
-        for part in self.path.glob("part-*.arrow"):
-            part.unlink()
-
-    def commit(
-        self, index: int, ids: pa.Array, vectors: Matrix, skipped: int, id_type: pa.DataType
-    ) -> None:
-        """Write chunk ``index``'s output under its final name, all or nothing."""
-        schema = pa.schema(
-            [("id", id_type), ("embedding", embedding_type(vectors.shape[1]))],
-            metadata={"skipped": str(skipped)},
-        )
-        batch = pa.RecordBatch.from_arrays([ids, vectors_to_arrow(vectors)], schema=schema)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, schema) as writer:
-            writer.write_batch(batch)
-        self._atomic_write(self.part_path(index), sink.getvalue().to_pybytes())
-
-    def read_part(self, index: int) -> tuple[pa.Array, Matrix, int]:
-        """(ids, vectors, skipped rows) of a committed chunk."""
-        with pa.memory_map(str(self.part_path(index))) as source:
-            table = pa.ipc.open_file(source).read_all()
-        skipped = int((table.schema.metadata or {}).get(b"skipped", b"0"))
-        embeddings = table.column("embedding").combine_chunks()
-        dims = embeddings.type.list_size
-        flat = embeddings.values.to_numpy(zero_copy_only=False)
-        vectors: Matrix = np.asarray(flat, dtype=np.float32).reshape(-1, dims)
-        return table.column("id").combine_chunks(), vectors, skipped
-
-    def part_counts(self, index: int) -> tuple[int, int]:
-        """(rows, skipped) of a committed chunk, from its footer alone."""
-        with pa.memory_map(str(self.part_path(index))) as source:
-            reader = pa.ipc.open_file(source)
-            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-            skipped = int((reader.schema.metadata or {}).get(b"skipped", b"0"))
-        return rows, skipped
-
-    def _atomic_write(self, target: Path, data: bytes) -> None:
-        tmp = target.with_name(target.name + ".tmp")
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(self.path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _file_identity(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 ProgressCallback = Callable[[ProgressUpdate], None]
@@ -313,7 +143,7 @@ async def run_embed_job(
         "chunk_size": job.chunk_size,
         "on_error": job.on_error,
     }
-    identity = {"version": MANIFEST_VERSION, "input": _file_identity(job.input), **options}
+    identity = {"version": MANIFEST_VERSION, "input": file_identity(job.input), **options}
     job_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     progress = ProgressUpdate()
     report = on_progress or (lambda update: None)
@@ -354,7 +184,7 @@ async def run_embed_job(
         rows, skipped = await asyncio.to_thread(
             _assemble, work, job, n_chunks, dims, id_type, metadata
         )
-        output = _file_identity(job.output)
+        output = file_identity(job.output)
         work.write_manifest(
             {
                 "job_key": job_key,
@@ -382,7 +212,7 @@ def _finished(manifest: dict[str, Any], job: EmbedJob) -> tuple[int, int] | None
     if manifest.get("state") != "complete" or not isinstance(result, dict):
         return None
     try:
-        output = _file_identity(job.output)
+        output = file_identity(job.output)
     except OSError:
         return None
     same = result.get("format") == job.format and all(
@@ -505,57 +335,8 @@ def _assemble(
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, job.output)
-    _fsync_dir(job.output.parent)
+    fsync_dir(job.output.parent)
     return rows, skipped
-
-
-class RichProgress:
-    """A progress bar: rows, rows/s, ETA and cache hits, refreshed by rich ~10 times a second.
-
-    Use as a context manager and pass ``update`` as the job's ``on_progress``.
-    """
-
-    def __init__(self, console: Console, description: str) -> None:
-        self._started = time.perf_counter()
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[rows]} rows"),
-            TextColumn("{task.fields[rate]} rows/s"),
-            TextColumn("cache hits {task.fields[hits]}"),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self._task: TaskID = self._progress.add_task(
-            description, total=None, rows="0", rate="-", hits="-"
-        )
-
-    def update(self, update: ProgressUpdate) -> None:
-        if not self._progress.live.is_started:
-            # Started by the first update: a job that finds nothing to do shows no bar.
-            self._started = time.perf_counter()
-            self._progress.start()
-        elapsed = time.perf_counter() - self._started
-        self._progress.update(
-            self._task,
-            total=update.total or None,
-            completed=update.position,
-            rows=f"{update.rows:,}",
-            rate=f"{update.embedded / elapsed:,.0f}" if elapsed > 0 else "-",
-            hits=f"{update.cache_hits / update.embedded:.0%}" if update.embedded else "-",
-        )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        with contextlib.suppress(Exception):
-            self._progress.stop()
 
 
 def settings_for_embed(settings: Settings, model: str | None) -> Settings:

@@ -70,8 +70,10 @@ def batch_object(
     input_file_id: str,
     completion_window: str,
     metadata: dict[str, str] | None,
+    expire_after_seconds: int = 0,
 ) -> JsonDict:
     created = now()
+    window = expire_after_seconds or COMPLETION_WINDOW_SECONDS[completion_window]
     return {
         "id": batch_id,
         "object": "batch",
@@ -84,7 +86,7 @@ def batch_object(
         "error_file_id": None,
         "created_at": created,
         "in_progress_at": None,
-        "expires_at": created + COMPLETION_WINDOW_SECONDS[completion_window],
+        "expires_at": created + window,
         "finalizing_at": None,
         "completed_at": None,
         "failed_at": None,

@@ -1,8 +1,9 @@
 """The life of a batch, independent of where it runs (in the server or on Celery workers).
 
     validating --prepare--> in_progress --chunks--> finalizing --> completed
-         |                       |
-         +--> failed             +--cancel--> cancelling --chunks skipped--> cancelled
+         |                       |                        |
+         +--> failed             |                        +--(a chunk expired)--> expired
+                                 +--cancel--> cancelling --chunks skipped--> cancelled
 
 ``prepare`` checks every line and splits the valid requests into chunk files. ``run_chunk``
 computes one chunk and commits its output atomically; a chunk run twice (a retried or
@@ -60,6 +61,12 @@ class BatchProcessor:
             return 0
         if "_chunk_count" in batch:  # prepared already (this is a retry)
             return int(batch["_chunk_count"])
+        if _past_window(batch):  # never started within its window (no worker took it)
+            if await self._store.transition(
+                batch_id, "expired", ["validating"], {"expired_at": now()}
+            ):
+                metrics.JOBS.labels(status="expired").inc()
+            return 0
         source = self._storage.file_path(batch["input_file_id"])
         try:
             chunks, problems, total = await asyncio.to_thread(self._split, batch_id, source)
@@ -139,6 +146,8 @@ class BatchProcessor:
             return
         if batch["status"] == "cancelling":
             await self._store.commit_chunk(batch_id, index, 0, 0)  # skipped
+        elif batch["status"] == "in_progress" and _past_window(batch):
+            await self._expire_chunk(batch_id, index)
         elif batch["status"] == "in_progress" and not await self._store.chunk_done(batch_id, index):
             started = time.perf_counter()
             completed, failed = await self._compute_chunk(batch_id, index)
@@ -148,10 +157,24 @@ class BatchProcessor:
             metrics.JOB_CHUNK_SECONDS.observe(time.perf_counter() - started)
         await self.maybe_finalize(batch_id)
 
+    async def _expire_chunk(self, batch_id: str, index: int) -> None:
+        """The completion window has passed: this chunk's requests become batch_expired
+        entries of the error file (committed like a computed chunk, so exactly once)."""
+        if await self._store.chunk_done(batch_id, index):
+            return
+        directory = self._storage.batch_dir(batch_id)
+        requests = _chunk_requests(directory / f"chunk-{index:06d}.in.jsonl")
+        expired = [_expired_entry(batch_id, request) for request in requests]
+        write_atomically(directory / f"chunk-{index:06d}.out.jsonl", [])
+        write_atomically(directory / f"chunk-{index:06d}.err.jsonl", map(_line, expired))
+        await self._store.update_batch(batch_id, {"_expired": True})
+        if await self._store.commit_chunk(batch_id, index, 0, len(expired)):
+            metrics.JOB_ITEMS.labels(status="expired").inc(len(expired))
+
     async def _compute_chunk(self, batch_id: str, index: int) -> tuple[int, int]:
         directory = self._storage.batch_dir(batch_id)
         source = directory / f"chunk-{index:06d}.in.jsonl"
-        requests = [orjson.loads(line) for line in source.read_bytes().splitlines() if line]
+        requests = _chunk_requests(source)
         # All at once: the micro-batcher coalesces the chunk's inputs into full model batches.
         entries = await asyncio.gather(*(self._answer(batch_id, request) for request in requests))
         good = [entry for entry in entries if entry["response"]["status_code"] == 200]
@@ -217,6 +240,7 @@ class BatchProcessor:
         if batch is None:
             return
         cancelled = batch["status"] == "cancelling"
+        expired = bool(batch.get("_expired"))
         if not cancelled:
             await self._store.transition(
                 batch_id, "finalizing", ["in_progress"], {"finalizing_at": now()}
@@ -243,6 +267,11 @@ class BatchProcessor:
                 batch_id, "cancelled", ["cancelling"], fields | {"cancelled_at": now()}
             )
             metrics.JOBS.labels(status="cancelled").inc()
+        elif expired:
+            await self._store.transition(
+                batch_id, "expired", ["finalizing"], fields | {"expired_at": now()}
+            )
+            metrics.JOBS.labels(status="expired").inc()
         else:
             await self._store.transition(
                 batch_id, "completed", ["finalizing"], fields | {"completed_at": now()}
@@ -273,6 +302,27 @@ class BatchProcessor:
         if changed:
             await self.maybe_finalize(batch_id)
         return changed
+
+
+def _past_window(batch: JsonDict) -> bool:
+    expires_at = batch.get("expires_at")
+    return isinstance(expires_at, int | float) and now() >= expires_at
+
+
+def _chunk_requests(path: Path) -> list[JsonDict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+
+
+def _expired_entry(batch_id: str, request: JsonDict) -> JsonDict:
+    custom_id = request["custom_id"]
+    return {
+        "id": f"batch_req_{_request_id(batch_id, custom_id)}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": _problem(
+            "batch_expired", "The batch expired before this request could be processed."
+        ),
+    }
 
 
 def _parse_line(raw: bytes, seen: set[str]) -> tuple[JsonDict | None, JsonDict | None]:

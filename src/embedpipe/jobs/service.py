@@ -100,7 +100,13 @@ class JobService:
                 f"File '{input_file_id}' has purpose {file['purpose']!r}, not \"batch\".",
                 param="input_file_id",
             )
-        batch = batch_object(new_batch_id(), input_file_id, completion_window, metadata)
+        batch = batch_object(
+            new_batch_id(),
+            input_file_id,
+            completion_window,
+            metadata,
+            self._settings.expire_after_seconds,
+        )
         await self._store.put_batch(batch)
         await self._runner.submit(batch["id"])
         metrics.JOBS_SUBMITTED.inc()
