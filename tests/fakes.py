@@ -7,8 +7,16 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+from fastapi import FastAPI
 
-from embedpipe.embedders import ModelInfo, Vectors
+from embedpipe.api.app import create_app
+from embedpipe.batcher import MicroBatcher
+from embedpipe.cache import MemoryTier, TieredCache
+from embedpipe.embedders import ModelInfo, ModelRegistry, ModelSpec, Vectors
+from embedpipe.ratelimit import RateLimiter
+from embedpipe.runtime import Runtime
+from embedpipe.service import EmbeddingService
+from embedpipe.settings import BatchingSettings, CacheSettings, Settings
 
 
 class FakeEmbedder:
@@ -55,3 +63,25 @@ def vector_for(text: str, dimensions: int = 8) -> Vectors:
     vector = np.random.default_rng(seed).standard_normal(dimensions).astype(np.float32)
     normalized: Vectors = vector / np.linalg.norm(vector)
     return normalized
+
+
+def fake_app(settings: Settings, embedder: FakeEmbedder | None = None) -> tuple[FastAPI, Runtime]:
+    """The real application over a fake model named "fake" (call from a running event loop;
+    no lifespan: nothing real to load). Close the runtime when done."""
+    embedder = embedder or FakeEmbedder(name="fake", dimensions=8)
+    registry = ModelRegistry()
+    registry.add(ModelSpec(name="fake", source="memory"), embedder)
+    batcher = MicroBatcher(embedder, BatchingSettings(max_wait_ms=0.0))
+    batcher.start()
+    cache = TieredCache(MemoryTier(1 << 20), None)
+    runtime = Runtime(
+        settings=settings,
+        service=EmbeddingService(registry, {"fake": batcher}, cache, CacheSettings()),
+        default_model="fake",
+        batchers={"fake": batcher},
+        cache=cache,
+        limiter=RateLimiter.from_settings(settings),
+    )
+    app = create_app(settings)
+    app.state.runtime = runtime
+    return app, runtime

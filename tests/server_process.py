@@ -35,6 +35,8 @@ class ServerProcess:
             "EMBEDPIPE_PORT": str(self.port),
             # Two servers share this machine's cores in some tests.
             "EMBEDPIPE_MODEL_THREADS": "1",
+            # Tests stop servers often; the drain tests set their own delay.
+            "EMBEDPIPE_DRAIN_DELAY_SECONDS": "0",
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None

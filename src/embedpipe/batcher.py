@@ -63,6 +63,9 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._depth_gauge = metrics.QUEUE_DEPTH.labels(model=self._model)
+        # Texts per second the model has been computing (moving average): how long a client
+        # refused for a full queue should wait before it retries.
+        self._texts_per_second = 0.0
 
     @property
     def queue_depth(self) -> int:
@@ -92,7 +95,7 @@ class MicroBatcher:
             raise Overloaded(
                 f"The server is overloaded: {len(self._pending)} texts are waiting for "
                 f"model '{self._model}'. Retry later.",
-                retry_after=1.0,
+                retry_after=self._time_to_drain(len(self._pending)),
             )
         loop = asyncio.get_running_loop()
         items = [
@@ -184,6 +187,16 @@ class MicroBatcher:
             metrics.INFERENCE_SECONDS.labels(model=self._model).observe(
                 time.perf_counter() - started
             )
+        rate = len(batch) / max(time.perf_counter() - started, 1e-6)
+        self._texts_per_second = (
+            rate if not self._texts_per_second else 0.8 * self._texts_per_second + 0.2 * rate
+        )
         for item, vector in zip(batch, vectors, strict=True):
             if not item.future.done():
                 item.future.set_result(vector)
+
+    def _time_to_drain(self, texts: int) -> float:
+        """Seconds until ``texts`` queued texts are computed at the recent pace (1 to 60)."""
+        if not self._texts_per_second:
+            return 1.0
+        return min(60.0, max(1.0, texts / self._texts_per_second))

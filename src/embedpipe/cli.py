@@ -83,6 +83,7 @@ def serve(
                 log_level=settings.log_level,
                 log_config=log_config,
                 access_log=False,
+                timeout_graceful_shutdown=settings.drain_timeout_seconds,
             )
             return
         from embedpipe.api.app import create_app
@@ -94,6 +95,7 @@ def serve(
             log_level=settings.log_level,
             log_config=log_config,
             access_log=False,
+            timeout_graceful_shutdown=settings.drain_timeout_seconds,
         )
     finally:
         if private_metrics_dir is not None:

@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # json: one JSON object per line (production); text: for a human at a terminal.
     log_format: Literal["json", "text"] = "json"
+    # SIGTERM: /ready answers 503 and new work is refused at once; the listener stays open this
+    # long (so load balancers notice) before shutdown starts, which then waits at most
+    # drain_timeout_seconds for the requests in flight. Orchestrators must allow both
+    # (compose's stop_grace_period, Kubernetes' terminationGracePeriodSeconds).
+    drain_delay_seconds: float = Field(2.0, ge=0, le=300)
+    drain_timeout_seconds: int = Field(30, ge=1, le=3600)
     data_dir: Path = Field(default_factory=_default_data_dir)
     redis_url: str = ""
     broker_url: str = ""

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from embedpipe.settings import Settings
-from tests.unit.test_ratelimit_http import fake_app
+from tests.fakes import fake_app
 
 
 @pytest.fixture

@@ -10,42 +10,14 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
-from embedpipe.api.app import create_app
 from embedpipe.auth import hash_key
-from embedpipe.batcher import MicroBatcher
-from embedpipe.cache import MemoryTier, TieredCache
-from embedpipe.embedders import ModelRegistry, ModelSpec
 from embedpipe.ratelimit import LimiterUnavailable, Quota, RateLimiter
 from embedpipe.runtime import Runtime
-from embedpipe.service import EmbeddingService
-from embedpipe.settings import BatchingSettings, CacheSettings, SecuritySettings, Settings
-from tests.fakes import FakeEmbedder
+from embedpipe.settings import SecuritySettings, Settings
+from tests.fakes import fake_app
 
 Serve = Callable[..., Awaitable[httpx.AsyncClient]]
-
-
-def fake_app(settings: Settings) -> tuple[FastAPI, Runtime]:
-    """The real application over a fake model (call from a running event loop; no lifespan:
-    nothing real to load). Close the runtime when done."""
-    embedder = FakeEmbedder(name="fake", dimensions=8)
-    registry = ModelRegistry()
-    registry.add(ModelSpec(name="fake", source="memory"), embedder)
-    batcher = MicroBatcher(embedder, BatchingSettings(max_wait_ms=0.0))
-    batcher.start()
-    cache = TieredCache(MemoryTier(1 << 20), None)
-    runtime = Runtime(
-        settings=settings,
-        service=EmbeddingService(registry, {"fake": batcher}, cache, CacheSettings()),
-        default_model="fake",
-        batchers={"fake": batcher},
-        cache=cache,
-        limiter=RateLimiter.from_settings(settings),
-    )
-    app = create_app(settings)
-    app.state.runtime = runtime
-    return app, runtime
 
 
 @pytest.fixture

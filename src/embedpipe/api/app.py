@@ -11,7 +11,7 @@ from starlette.responses import Response
 from embedpipe import __version__
 from embedpipe.api import files_batches, openai, ops, simple
 from embedpipe.api.deps import ClientGone
-from embedpipe.api.draining import on_shutdown_signal
+from embedpipe.api.draining import DrainingMiddleware, draining_of, on_shutdown_signal
 from embedpipe.api.errors import install_error_handlers
 from embedpipe.api.middleware import (
     BodyLimitMiddleware,
@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.jobs = jobs = await open_job_service(settings, runtime)
         on_startup(runtime, traffic)
         try:
-            with on_shutdown_signal(runtime.start_draining):
+            with on_shutdown_signal(runtime.start_draining, settings.drain_delay_seconds):
                 yield
         finally:
             await jobs.close()
@@ -74,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     # API keys, outside the body limit: an unauthenticated body is never read.
     install_security(app, settings)
     app.add_middleware(JsonByDefaultMiddleware)
+    app.add_middleware(DrainingMiddleware, is_draining=draining_of)
     app.add_middleware(ObservabilityMiddleware, traffic=traffic)
     app.add_middleware(RequestIdMiddleware)
     return app

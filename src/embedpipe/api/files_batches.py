@@ -32,6 +32,16 @@ def get_jobs(request: Request) -> JobService:
 Jobs = Annotated[JobService, Depends(get_jobs)]
 
 
+def get_owner(request: Request) -> str | None:
+    """The caller's API key name: files and batches belong to it (None when auth is off)."""
+    client = request.scope.get("state", {}).get("client")
+    key = getattr(client, "key", None)
+    return getattr(key, "name", None)
+
+
+Owner = Annotated[str | None, Depends(get_owner)]
+
+
 class BatchCreate(BaseModel):
     input_file_id: str
     endpoint: str = Field(examples=["/v1/embeddings"])
@@ -53,46 +63,48 @@ def _page(items: list[JsonDict], limit: int) -> dict[str, object]:
 @router.post("/files", responses=_ERRORS)
 async def upload_file(
     jobs: Jobs,
+    owner: Owner,
     file: Annotated[UploadFile, File(description="JSONL, one request per line.")],
     purpose: Annotated[str, Form()],
 ) -> Response:
     """Upload a batch input file."""
-    return json_response(await jobs.upload(file.filename or "", purpose, file.file))
+    return json_response(await jobs.upload(file.filename or "", purpose, file.file, owner))
 
 
 @router.get("/files")
 async def list_files(
     jobs: Jobs,
+    owner: Owner,
     purpose: str | None = None,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
 ) -> Response:
     """Files, newest first."""
-    return json_response(_page(await jobs.files(purpose, after, limit + 1), limit))
+    return json_response(_page(await jobs.files(purpose, after, limit + 1, owner), limit))
 
 
 @router.get("/files/{file_id}", responses=_ERRORS)
-async def retrieve_file(file_id: str, jobs: Jobs) -> Response:
-    return json_response(await jobs.file(file_id))
+async def retrieve_file(file_id: str, jobs: Jobs, owner: Owner) -> Response:
+    return json_response(await jobs.file(file_id, owner))
 
 
 @router.delete("/files/{file_id}", responses=_ERRORS)
-async def delete_file(file_id: str, jobs: Jobs) -> Response:
-    return json_response(await jobs.delete_file(file_id))
+async def delete_file(file_id: str, jobs: Jobs, owner: Owner) -> Response:
+    return json_response(await jobs.delete_file(file_id, owner))
 
 
 @router.get("/files/{file_id}/content", responses=_ERRORS)
-async def file_content(file_id: str, jobs: Jobs) -> Response:
+async def file_content(file_id: str, jobs: Jobs, owner: Owner) -> Response:
     """The file's bytes (batch output and error files are JSONL)."""
-    return FileResponse(await jobs.file_path(file_id), media_type="application/octet-stream")
+    return FileResponse(await jobs.file_path(file_id, owner), media_type="application/octet-stream")
 
 
 @router.post("/batches", responses=_ERRORS)
-async def create_batch(body: BatchCreate, jobs: Jobs) -> Response:
+async def create_batch(body: BatchCreate, jobs: Jobs, owner: Owner) -> Response:
     """Start a batch over an uploaded file of ``/v1/embeddings`` requests."""
     return json_response(
         await jobs.create_batch(
-            body.input_file_id, body.endpoint, body.completion_window, body.metadata
+            body.input_file_id, body.endpoint, body.completion_window, body.metadata, owner
         )
     )
 
@@ -100,19 +112,20 @@ async def create_batch(body: BatchCreate, jobs: Jobs) -> Response:
 @router.get("/batches")
 async def list_batches(
     jobs: Jobs,
+    owner: Owner,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Response:
     """Batches, newest first; page with ``after``."""
-    return json_response(_page(await jobs.batches(after, limit + 1), limit))
+    return json_response(_page(await jobs.batches(after, limit + 1, owner), limit))
 
 
 @router.get("/batches/{batch_id}", responses=_ERRORS)
-async def retrieve_batch(batch_id: str, jobs: Jobs) -> Response:
-    return json_response(await jobs.batch(batch_id))
+async def retrieve_batch(batch_id: str, jobs: Jobs, owner: Owner) -> Response:
+    return json_response(await jobs.batch(batch_id, owner))
 
 
 @router.post("/batches/{batch_id}/cancel", responses=_ERRORS)
-async def cancel_batch(batch_id: str, jobs: Jobs) -> Response:
+async def cancel_batch(batch_id: str, jobs: Jobs, owner: Owner) -> Response:
     """Stop scheduling new chunks; the batch ends ``cancelled`` with what was done."""
-    return json_response(await jobs.cancel(batch_id))
+    return json_response(await jobs.cancel(batch_id, owner))

@@ -40,6 +40,21 @@ def _weights_file(model_dir: Path) -> Path:
     raise ModelLoadError(f"no weights ({' or '.join(_WEIGHT_FILES)}) under {model_dir}")
 
 
+def token_counter(tokenizer: Any, max_tokens: int) -> Any:
+    """A private copy of the model's Rust tokenizer, truncating at the window, never padding.
+
+    Counting must not use the model's own tokenizer: a transformers tokenizer call sets
+    padding and truncation on the shared Rust object, so a count on the event loop racing an
+    ``encode`` on the model thread can leave that batch unpadded ("Unable to create tensor").
+    The copy's settings are fixed here once; encoding with it only reads it."""
+    from tokenizers import Tokenizer
+
+    counter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    counter.no_padding()
+    counter.enable_truncation(max_length=max_tokens)
+    return counter
+
+
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
@@ -68,12 +83,12 @@ class SentenceTransformerEmbedder:
 
         self._model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
         self._model.eval()
-        self._tokenizer = self._model.tokenizer
         self._prompt = prompt
         max_tokens = self._model.max_seq_length
         dimensions = self._model.get_embedding_dimension()
         if not max_tokens or not dimensions:
             raise ModelLoadError(f"{model_dir} declares no window or no embedding dimension")
+        self._counter = token_counter(self._model.tokenizer, max_tokens)
         self._info = ModelInfo(
             name=name,
             backend="sentence-transformers",
@@ -111,14 +126,8 @@ class SentenceTransformerEmbedder:
         return self._fingerprint
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        encoded = self._tokenizer(
-            [self._prompt + text for text in texts],
-            truncation=True,
-            max_length=self._info.max_tokens,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
-        return [len(ids) for ids in encoded["input_ids"]]
+        encoded = self._counter.encode_batch([self._prompt + text for text in texts])
+        return [len(encoding.ids) for encoding in encoded]
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         vectors = self._model.encode(

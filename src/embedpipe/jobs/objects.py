@@ -51,8 +51,12 @@ def now() -> int:
     return int(time.time())
 
 
-def file_object(file_id: str, filename: str, purpose: str, size: int) -> JsonDict:
+def file_object(
+    file_id: str, filename: str, purpose: str, size: int, owner: str | None = None
+) -> JsonDict:
+    """``owner``: the API key name that may see the file (None: anyone, auth is off)."""
     return {
+        "_owner": owner,
         "id": file_id,
         "object": "file",
         "bytes": size,
@@ -71,10 +75,12 @@ def batch_object(
     completion_window: str,
     metadata: dict[str, str] | None,
     expire_after_seconds: int = 0,
+    owner: str | None = None,
 ) -> JsonDict:
     created = now()
     window = expire_after_seconds or COMPLETION_WINDOW_SECONDS[completion_window]
     return {
+        "_owner": owner,
         "id": batch_id,
         "object": "batch",
         "endpoint": "/v1/embeddings",

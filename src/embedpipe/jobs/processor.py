@@ -250,8 +250,9 @@ class BatchProcessor:
         outputs = [directory / f"chunk-{i:06d}.out.jsonl" for i in range(chunk_count)]
         errors = [directory / "prepare.err.jsonl"]
         errors += [directory / f"chunk-{i:06d}.err.jsonl" for i in range(chunk_count)]
-        output_file_id = await self._publish(batch_id, "output", outputs)
-        error_file_id = await self._publish(batch_id, "error", errors)
+        owner = batch.get("_owner")
+        output_file_id = await self._publish(batch_id, "output", outputs, owner)
+        error_file_id = await self._publish(batch_id, "error", errors, owner)
         counts = await self._store.chunk_counts(batch_id)
         fields: JsonDict = {
             "output_file_id": output_file_id,
@@ -279,7 +280,9 @@ class BatchProcessor:
             metrics.JOBS.labels(status="completed").inc()
         log.info("batch %s finalized: %s", batch_id, fields["request_counts"])
 
-    async def _publish(self, batch_id: str, kind: str, parts: list[Path]) -> str | None:
+    async def _publish(
+        self, batch_id: str, kind: str, parts: list[Path], owner: str | None
+    ) -> str | None:
         file_id = "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
         size = await asyncio.to_thread(
             concatenate_atomically, self._storage.file_path(file_id), parts
@@ -288,7 +291,7 @@ class BatchProcessor:
             self._storage.delete_file(file_id)
             return None
         await self._store.put_file(
-            file_object(file_id, f"{batch_id}_{kind}.jsonl", "batch_output", size)
+            file_object(file_id, f"{batch_id}_{kind}.jsonl", "batch_output", size, owner)
         )
         return file_id
 
