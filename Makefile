@@ -38,7 +38,15 @@ monitoring-bins:
 
 .PHONY: monitoring-bins
 
-test: install redis-server-bin monitoring-bins  ## lint, typecheck and the whole test suite (starts a private Redis)
+# nginx: `nginx -t` on deploy/nginx/embedpipe.conf and the load balancer in tests/deploy.
+nginx-bin:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  echo "installing nginx (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+
+.PHONY: nginx-bin
+
+test: install redis-server-bin monitoring-bins nginx-bin  ## lint, typecheck and the whole test suite (starts a private Redis)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy

