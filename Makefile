@@ -70,5 +70,10 @@ bench-embed: install  ## `embedpipe embed` on a generated 20k-row JSONL: rows/s 
 
 .PHONY: bench-embed
 
+soak: install redis-server-bin  ## overload storms back to back for EMBEDPIPE_SOAK_SECONDS (600): no 500, memory level
+	EMBEDPIPE_SOAK_SECONDS=$${EMBEDPIPE_SOAK_SECONDS:-600} $(BIN)/pytest -s tests/reliability/test_overload.py
+
+.PHONY: soak
+
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,7 @@ bounded, no request gets a 500, and a normal request is answered quickly after t
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter
@@ -114,5 +115,38 @@ def test_a_storm_is_shed_cleanly_and_the_service_recovers(tmp_path: Path) -> Non
             f"served {statuses[200]}, shed {len(shed)} ({len(shed) / CLIENTS:.0%}), "
             f"peak RSS {rss.peak / 2**20:.0f} MiB, next request {latency * 1000:.0f} ms"
         )
+    finally:
+        server.stop()
+
+
+SOAK_SECONDS = float(os.environ.get("EMBEDPIPE_SOAK_SECONDS", "0"))
+
+
+@pytest.mark.skipif(SOAK_SECONDS <= 0, reason="a soak run: `make soak` (EMBEDPIPE_SOAK_SECONDS)")
+def test_soak_storm_after_storm_memory_stays_level(tmp_path: Path) -> None:
+    """``make soak``: storms back to back for EMBEDPIPE_SOAK_SECONDS with the default queue
+    (8,192 texts): never a 500, and resident memory levels off instead of growing."""
+    server = ServerProcess(
+        {"EMBEDPIPE_DATA_DIR": str(tmp_path / "data"), "EMBEDPIPE_LOG_LEVEL": "warning"},
+        tmp_path / "server.log",
+    ).start()
+    assert server.process is not None
+    peaks: list[int] = []
+    totals: Counter[int] = Counter()
+    try:
+        deadline = time.monotonic() + SOAK_SECONDS
+        while time.monotonic() < deadline:
+            with PeakRss(server.process.pid) as rss:
+                replies = asyncio.run(_storm(server.url))
+            totals.update(reply.status_code for reply in replies)
+            peaks.append(rss.peak)
+            print(
+                f"storm {len(peaks)}: {Counter(r.status_code for r in replies)}, "
+                f"peak RSS {rss.peak / 2**20:.0f} MiB"
+            )
+        assert set(totals) <= {200, 429, 503}, totals
+        assert max(peaks) < 3 * 1024**3
+        if len(peaks) >= 3:  # the first storms fill caches and arenas; then it must level off
+            assert peaks[-1] <= peaks[1] * 1.25, peaks
     finally:
         server.stop()
