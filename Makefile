@@ -62,13 +62,23 @@ lint: install  ## ruff
 typecheck: install  ## mypy strict
 	$(BIN)/mypy
 
-bench: install  ## throughput and latency ratios against the raw in-process model
+bench: install redis-server-bin  ## raw encode vs embedpipe vs the naive design: texts/s, req/s, latency, hit rates, ratios
 	$(BIN)/python -m benchmarks.throughput
+
+bench-memory: install redis-server-bin  ## server RSS with a full L1, Redis bytes per cached vector, float16 fidelity
+	$(BIN)/python -m benchmarks.memory
+
+.PHONY: bench-memory
 
 bench-embed: install  ## `embedpipe embed` on a generated 20k-row JSONL: rows/s vs raw model, RSS
 	$(BIN)/python -m benchmarks.embed_file --rows 20000
 
 .PHONY: bench-embed
+
+bench-backends: install  ## torch vs ONNX fp32 vs ONNX int8: texts/s, fidelity, thread counts
+	$(BIN)/python -m benchmarks.backends --threads
+
+.PHONY: bench-backends
 
 soak: install redis-server-bin  ## overload storms back to back for EMBEDPIPE_SOAK_SECONDS (600): no 500, memory level
 	EMBEDPIPE_SOAK_SECONDS=$${EMBEDPIPE_SOAK_SECONDS:-600} $(BIN)/pytest -s tests/reliability/test_overload.py
@@ -76,4 +86,4 @@ soak: install redis-server-bin  ## overload storms back to back for EMBEDPIPE_SO
 .PHONY: soak
 
 clean:  ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

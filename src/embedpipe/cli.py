@@ -111,7 +111,12 @@ def models() -> None:
     settings = _settings()
     table = Table("name", "aliases", "backend", "dims", "window", "sha256", "source")
     for spec in parse_model_specs(settings.model, settings.extra_models, settings.backend):
-        info = load_embedder(spec).info
+        if spec.backend == "openai":
+            from embedpipe.upstream import describe_upstream
+
+            info = describe_upstream(spec, settings).info  # no call; dims 0 = not known yet
+        else:
+            info = load_embedder(spec, settings).info
         table.add_row(
             info.name,
             ", ".join(spec.aliases),

@@ -2,10 +2,15 @@
 
 EmbedpipeError
 ├── InvalidInput          the request is malformed (bad types, empty text, bad dimensions)
+│   └── TooLarge          what it sends (an uploaded file) is over its size limit
 ├── ModelNotFound         no served model has that name
 ├── Overloaded            the queue is full; retry after ``retry_after`` seconds
 ├── NotReady              models are loading or the process is draining
-└── ModelFailed           the model raised while computing a batch (details only in logs)
+├── ModelFailed           the model raised while computing a batch (details only in logs)
+└── UpstreamError         an upstream embedding API (``openai`` backend) could not answer
+    ├── UpstreamRateLimited   it kept answering 429; retry after ``retry_after`` seconds
+    ├── UpstreamUnavailable   its circuit breaker is open: no call is tried for now
+    └── UpstreamFailed        5xx, timeouts, refused connections, rejected credentials
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ class EmbedpipeError(Exception):
 
 
 class InvalidInput(EmbedpipeError):
+    pass
+
+
+class TooLarge(InvalidInput):
     pass
 
 
@@ -44,4 +53,24 @@ class NotReady(EmbedpipeError):
 
 
 class ModelFailed(EmbedpipeError):
+    pass
+
+
+class UpstreamError(EmbedpipeError):
+    """The upstream API failed; messages never carry its credentials or raw answers."""
+
+
+class UpstreamRateLimited(UpstreamError):
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message, code="upstream_rate_limited")
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(UpstreamError):
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message, code="upstream_unavailable")
+        self.retry_after = retry_after
+
+
+class UpstreamFailed(UpstreamError):
     pass

@@ -97,3 +97,18 @@ def check_text(text: str, index: int | None, limits: LimitsSettings, *, param: s
             "allowed (longer texts are truncated by tokens, but must fit this bound).",
             param=param,
         )
+    if not text.isascii() and not _is_unicode(text):
+        raise InvalidInput(
+            f"'{where}' is not valid Unicode: it holds an unpaired UTF-16 surrogate.",
+            param=param,
+        )
+
+
+def _is_unicode(text: str) -> bool:
+    # JSON parsers here refuse unpaired surrogates; this guards every other caller, as the
+    # tokenizer and the cache key cannot take them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -82,7 +83,10 @@ class JsonFormatter(logging.Formatter):
         line.update(_fields_of(record))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        try:
+            return orjson.dumps(line, default=str).decode()
+        except orjson.JSONEncodeError:  # text orjson refuses (an unpaired surrogate): escaped
+            return json.dumps(line, default=str, separators=(",", ":"))
 
 
 class TextFormatter(logging.Formatter):
@@ -116,5 +120,7 @@ def logging_config(level: str, fmt: LogFormat = "json") -> dict[str, Any]:
             "uvicorn": {"handlers": [], "propagate": True, "level": level.upper()},
             "uvicorn.error": {"handlers": [], "propagate": True},
             "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
+            # The openai SDK's HTTP client logs every upstream call at INFO; ours count them.
+            "httpx2": {"handlers": [], "propagate": True, "level": "WARNING"},
         },
     }

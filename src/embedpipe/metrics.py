@@ -104,6 +104,45 @@ QUEUE_WAIT = Histogram(
     buckets=(0.0005, *_SECONDS),
 )
 
+# --- the upstream API of ``openai``-backend models (wired by embedpipe.upstream) ---
+UPSTREAM_REQUESTS = Counter(
+    "embedpipe_upstream_requests",
+    "HTTP attempts to the upstream API, by status code (or connection_error, timeout).",
+    ["model", "status"],
+)
+UPSTREAM_TOKENS = Counter(
+    "embedpipe_upstream_tokens",
+    "Input tokens the upstream API billed (its usage; our cl100k count when it reports none).",
+    ["model"],
+)
+UPSTREAM_TOKENS_SAVED = Counter(
+    "embedpipe_upstream_tokens_saved",
+    "Input tokens served from the cache instead of the upstream API (cl100k).",
+    ["model"],
+)
+UPSTREAM_COST_SAVED = Counter(
+    "embedpipe_upstream_cost_saved_dollars",
+    "Estimated upstream cost the cache saved: tokens saved x the configured price.",
+    ["model"],
+)
+UPSTREAM_RETRIES = Counter(
+    "embedpipe_upstream_retries",
+    "Upstream attempts repeated after a 429, 5xx, timeout or refused connection.",
+    ["model"],
+)
+UPSTREAM_SECONDS = Histogram(
+    "embedpipe_upstream_request_duration_seconds",
+    "Time of one HTTP attempt to the upstream API.",
+    ["model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+UPSTREAM_BREAKER_OPEN = Gauge(
+    "embedpipe_upstream_breaker_open",
+    "1 while the circuit breaker of an upstream model is open (calls fail fast with 503).",
+    ["model"],
+    multiprocess_mode="livemax",
+)
+
 # --- protection (wired by the rate limiter) ---
 RATE_LIMITED = Counter(
     "embedpipe_rate_limited",
@@ -189,6 +228,49 @@ def process_exiting() -> None:
     """Drop this process's live gauges (queue depth, info) from the merged view."""
     if multiprocess_dir() is not None:
         _multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def upstream_counts(model: str) -> dict[str, object]:
+    """This process's upstream calls, tokens and savings for one model, for ``/stats``."""
+    requests: dict[str, int] = {}
+    for family in UPSTREAM_REQUESTS.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels["model"] == model:
+                requests[sample.labels["status"]] = int(sample.value)
+
+    def total(counter: Counter) -> float:
+        return sum(
+            sample.value
+            for family in counter.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels["model"] == model
+        )
+
+    return {
+        "breaker_open": upstream_breaker_open(model),
+        "requests": requests,
+        "retries": int(total(UPSTREAM_RETRIES)),
+        "tokens": int(total(UPSTREAM_TOKENS)),
+        "tokens_saved": int(total(UPSTREAM_TOKENS_SAVED)),
+        "cost_saved_dollars": round(total(UPSTREAM_COST_SAVED), 6),
+    }
+
+
+def upstream_breaker_open(model: str) -> bool:
+    """Whether this process's circuit breaker for an upstream model is open."""
+    return any(
+        sample.value >= 1
+        for family in UPSTREAM_BREAKER_OPEN.collect()
+        for sample in family.samples
+        if sample.labels["model"] == model
+    )
+
+
+def record_upstream_savings(model: str, tokens: int, price_per_million_tokens: float) -> None:
+    """Tokens served from the cache for an upstream model: what its API did not bill."""
+    if tokens > 0:
+        UPSTREAM_TOKENS_SAVED.labels(model=model).inc(tokens)
+        UPSTREAM_COST_SAVED.labels(model=model).inc(tokens * price_per_million_tokens / 1e6)
 
 
 def rate_limited_counts() -> dict[str, int]:

@@ -62,7 +62,8 @@ async def create_embeddings(
     request: EmbeddingRequest,
 ) -> dict[str, Any]:
     prepared = prepare(service, decoder, limits, request)
-    return respond(prepared, await service.embed(prepared.model, prepared.texts))
+    result = await service.embed(prepared.model, prepared.texts, dimensions=prepared.dimensions)
+    return respond(prepared, result)
 
 
 def _as_is(vector: Any) -> Any:

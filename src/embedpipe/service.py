@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from embedpipe import logs, metrics
-from embedpipe.batcher import MicroBatcher, PendingText
-from embedpipe.cache import TieredCache, bytes_to_vector, cache_key, vector_to_bytes
-from embedpipe.embedders import Embedder, ModelRegistry, Vectors
+from embedpipe.batcher import Batcher, PendingText
+from embedpipe.cache import TieredCache, VectorCodec, cache_key
+from embedpipe.embedders import ModelInfo, ModelRegistry, ServedModel, Vectors
 from embedpipe.settings import CacheSettings
+from embedpipe.tenancy import current_tenant, tenant_namespace
 
 Source = Literal["l1", "l2", "computed"]
 
@@ -43,7 +44,7 @@ class EmbeddingService:
     def __init__(
         self,
         models: ModelRegistry,
-        batchers: dict[str, MicroBatcher],
+        batchers: Mapping[str, Batcher],
         cache: TieredCache,
         cache_settings: CacheSettings,
     ) -> None:
@@ -51,6 +52,8 @@ class EmbeddingService:
         self._batchers = batchers
         self._cache = cache
         self._namespace = cache_settings.namespace
+        self._per_tenant = cache_settings.per_tenant
+        self._codec = VectorCodec(cache_settings.store_dtype)
         # Texts being computed right now, by cache key: later requests wait on the same work.
         self._in_flight: dict[str, PendingText] = {}
 
@@ -70,15 +73,60 @@ class EmbeddingService:
 
     async def count_tokens(self, model: str, texts: Sequence[str]) -> list[int]:
         """Tokens per text as the model sees them (truncated at its window, specials included):
-        what ``usage`` reports and a token budget is charged. Pass them on to :meth:`embed`."""
-        return await self._count_tokens(self._models.get(self._models.resolve(model)), texts)
+        what ``usage`` reports and a token budget is charged. Pass them on to :meth:`embed`.
 
-    async def embed(
-        self, model: str, texts: Sequence[str], tokens: Sequence[int] | None = None
-    ) -> EmbedResult:
-        """``tokens``: from :meth:`count_tokens` when the caller counted already."""
+        Texts whose vector is in L1 have their count there: only the others are tokenised."""
+        embedder = self._models.get(self._models.resolve(model))
+        known: list[int | None] = []
+        for key in self._keys(embedder, texts):
+            entry = self._cache.l1.peek(key)
+            known.append(None if entry is None else entry[1])
+        unknown = [text for text, count in zip(texts, known, strict=True) if count is None]
+        fresh = iter(await self._count_tokens(embedder, unknown) if unknown else [])
+        return [next(fresh) if count is None else count for count in known]
+
+    def embed_from_memory(
+        self,
+        model: str,
+        texts: Sequence[str],
+        tokens: Sequence[int],
+        *,
+        dimensions: int | None = None,
+    ) -> EmbedResult | None:
+        """The answer when every text is in L1, without awaiting anything; else None (and
+        nothing counted): then call :meth:`embed`. The request path tries this first, so a
+        hit costs no task, no thread and no tokenizer."""
         name = self._models.resolve(model)
         embedder = self._models.get(name)
+        sized = _sized(embedder.info, dimensions)
+        unique: dict[str, int] = {}
+        for text in texts:
+            unique.setdefault(text, len(unique))
+        values = self._cache.l1.get_all(self._keys(embedder, unique, sized))
+        if values is None:
+            return None
+        logs.annotate(model=name, inputs=len(texts))
+        width = self._width(embedder.info, sized, values)
+        vectors = np.empty((len(values), width), dtype=np.float32)
+        for position, value in enumerate(values):
+            vectors[position] = self._codec.decode(value)
+        return self._served(name, texts, unique, vectors, ["l1"] * len(values), tokens)
+
+    async def embed(
+        self,
+        model: str,
+        texts: Sequence[str],
+        tokens: Sequence[int] | None = None,
+        *,
+        dimensions: int | None = None,
+    ) -> EmbedResult:
+        """``tokens``: from :meth:`count_tokens` when the caller counted already.
+        ``dimensions``: the size asked for (already checked). A local model's full vector is
+        cached and cut to size later; an upstream model computes each size itself, so each
+        size is its own cache entry and comes back that size."""
+        name = self._models.resolve(model)
+        embedder = self._models.get(name)
+        sized = _sized(embedder.info, dimensions)
         logs.annotate(model=name, inputs=len(texts))  # the request's access log line
         if tokens is None:
             tokens = await self._count_tokens(embedder, texts)
@@ -89,31 +137,75 @@ class EmbeddingService:
         for text in texts:
             unique.setdefault(text, len(unique))
         unique_texts = list(unique)
-        keys = [cache_key(self._namespace, embedder.fingerprint, text) for text in unique_texts]
-        found = await self._cache.get_many(keys)
+        keys = self._keys(embedder, unique_texts, sized)
+        token_of = dict(zip(texts, tokens, strict=True))
+        found = await self._cache.get_many(keys, [token_of[text] for text in unique_texts])
 
-        vectors = np.empty((len(unique_texts), embedder.info.dimensions), dtype=np.float32)
+        width = self._width(embedder.info, sized, (hit[0] for hit in found if hit is not None))
+        vectors = np.empty((len(unique_texts), width), dtype=np.float32)
         sources: list[Source] = ["computed"] * len(unique_texts)
         missing: list[int] = []
         for position, hit in enumerate(found):
-            if hit is None:
+            vector = self._decoded(hit[0], width) if hit is not None else None
+            if hit is None or vector is None:
                 missing.append(position)
             else:
-                vectors[position] = bytes_to_vector(hit[0])
+                vectors[position] = vector
                 sources[position] = hit[1]
         if missing:
-            token_of = dict(zip(texts, tokens, strict=True))
             computed = await self._compute(
                 name,
                 [keys[position] for position in missing],
                 [unique_texts[position] for position in missing],
                 [token_of[unique_texts[position]] for position in missing],
+                sized,
             )
+            if not width:  # nothing was cached: an upstream model's first answer sizes it
+                vectors = np.empty((len(unique_texts), len(computed[0])), dtype=np.float32)
             for position, vector in zip(missing, computed, strict=True):
-                vectors[position] = vector
+                # As a later hit will decode it: every answer for a text is the same.
+                vectors[position] = self._codec.round_trip(vector)
+        return self._served(name, texts, unique, vectors, sources, tokens)
 
+    def _keys(
+        self, embedder: ServedModel, texts: Iterable[str], sized: int | None = None
+    ) -> list[str]:
+        identity = embedder.fingerprint if sized is None else f"{embedder.fingerprint}-d{sized}"
+        fingerprint = self._codec.fingerprint(identity)
+        namespace = self._namespace
+        if self._per_tenant:
+            namespace = tenant_namespace(namespace, current_tenant())
+        return [cache_key(namespace, fingerprint, text) for text in texts]
+
+    def _decoded(self, value: bytes, width: int) -> Vectors | None:
+        """A cached vector, or None (a miss, recomputed) when the bytes are not one vector of
+        this width: a corrupt or foreign entry is never served."""
+        try:
+            vector = self._codec.decode(value)
+        except ValueError:
+            return None
+        return vector if len(vector) == width else None
+
+    def _width(self, info: ModelInfo, sized: int | None, values: Iterable[bytes]) -> int:
+        """Columns of the answer: the size asked of an upstream model, else the model's size,
+        else (an upstream model that has not answered yet in this process) a cached vector's;
+        0 when none is at hand."""
+        if sized or info.dimensions:
+            return sized or info.dimensions
+        return next((len(self._codec.decode(value)) for value in values), 0)
+
+    def _served(
+        self,
+        name: str,
+        texts: Sequence[str],
+        unique: dict[str, int],
+        vectors: Vectors,
+        sources: list[Source],
+        tokens: Sequence[int],
+    ) -> EmbedResult:
+        """The result in request order (duplicates expanded), counted in the metrics."""
         order = [unique[text] for text in texts]
-        matrix = vectors if len(order) == len(unique_texts) else vectors[order]
+        matrix = vectors if len(order) == len(unique) else vectors[order]
         served_sources = [sources[position] for position in order]
         for source in ("l1", "l2", "computed"):
             count = served_sources.count(source)
@@ -121,16 +213,27 @@ class EmbeddingService:
                 metrics.EMBEDDINGS.labels(model=name, source=source).inc(count)
         total_tokens = sum(tokens)
         metrics.TOKENS.labels(model=name).inc(total_tokens)
+        info = self._models.get(name).info
+        if info.upstream:
+            saved = sum(
+                n for n, source in zip(tokens, served_sources, strict=True) if source != "computed"
+            )
+            metrics.record_upstream_savings(name, saved, info.price_per_million_tokens)
         logs.annotate(cache_hits=len(texts) - served_sources.count("computed"), tokens=total_tokens)
         return EmbedResult(model=name, vectors=matrix, sources=served_sources, tokens=total_tokens)
 
-    async def _count_tokens(self, embedder: Embedder, texts: Sequence[str]) -> list[int]:
+    async def _count_tokens(self, embedder: ServedModel, texts: Sequence[str]) -> list[int]:
         if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
             return embedder.count_tokens(texts)
         return await asyncio.to_thread(embedder.count_tokens, texts)
 
     async def _compute(
-        self, model: str, keys: list[str], texts: list[str], tokens: list[int]
+        self,
+        model: str,
+        keys: list[str],
+        texts: list[str],
+        tokens: list[int],
+        sized: int | None = None,
     ) -> list[np.ndarray]:
         """Vectors for cache misses: join work already in flight, queue the rest as one unit."""
         waiting: list[PendingText] = []
@@ -149,7 +252,8 @@ class EmbeddingService:
                 new_keys.append(key)
                 new_texts.append(text)
                 new_tokens.append(count)
-        created = self._batchers[model].submit(new_texts, new_tokens) if new_keys else []
+        batcher = self._batchers[model]
+        created = batcher.submit(new_texts, new_tokens, sized) if new_keys else []
         for key, item in zip(new_keys, created, strict=True):
             self._in_flight[key] = item
             item.future.add_done_callback(functools.partial(self._forget, key, item))
@@ -164,12 +268,18 @@ class EmbeddingService:
         if created:
             await self._cache.set_many(
                 {
-                    key: vector_to_bytes(item.future.result())
+                    key: self._codec.encode(item.future.result())
                     for key, item in zip(new_keys, created, strict=True)
-                }
+                },
+                tokens=dict(zip(new_keys, new_tokens, strict=True)),
             )
         return list(results)
 
     def _forget(self, key: str, item: PendingText, _: object) -> None:
         if self._in_flight.get(key) is item:
             del self._in_flight[key]
+
+
+def _sized(info: ModelInfo, dimensions: int | None) -> int | None:
+    """The size an upstream model must compute; None for a local model (cut after the cache)."""
+    return dimensions if info.upstream else None

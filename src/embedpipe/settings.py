@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,6 +26,9 @@ class BatchingSettings(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096)
     # Padded tokens (batch size x longest text) one model call may hold.
     max_batch_tokens: int = Field(16384, ge=256)
+    # A batch grows only while padding stays under this share of its padded tokens (beyond a
+    # few tokens per text): on CPU a padded token costs as much as a real one.
+    max_padding: float = Field(0.1, ge=0.0, lt=1.0)
     max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)
     # Texts waiting for the model, across all requests; beyond it requests get 503.
     max_queue_texts: int = Field(8192, ge=1)
@@ -36,6 +39,9 @@ class CacheSettings(BaseModel):
 
     enabled: bool = True
     namespace: str = "ep"
+    # Each API key gets its own cache namespace, so no tenant can time another's cache hits
+    # (at the price of hit rate: the same text is computed once per key).
+    per_tenant: bool = False
     l1_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
     ttl_seconds: int = Field(30 * 24 * 3600, ge=0)  # 0 = no expiry (Redis only)
     sqlite_max_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=0)  # 0 = unbounded
@@ -44,6 +50,9 @@ class CacheSettings(BaseModel):
     mget_chunk: int = Field(256, ge=1)
     breaker_failures: int = Field(3, ge=1)
     breaker_reset_seconds: float = Field(5.0, gt=0)
+    # float16 halves every entry (L1 and L2) at a cosine of ~0.99999 to the float32 vector;
+    # answers are then the float16 values, on a miss too. Each format has its own keys.
+    store_dtype: Literal["float32", "float16"] = "float32"
 
 
 class LimitsSettings(BaseModel):
@@ -93,6 +102,33 @@ class JobsSettings(BaseModel):
     expire_after_seconds: int = Field(0, ge=0)
 
 
+class UpstreamSettings(BaseModel):
+    """Calls to an OpenAI-compatible upstream API (models with the ``openai`` backend)."""
+
+    # One upstream call holds at most this many inputs and tokens (OpenAI: 2048 and 300k); a
+    # bigger client request becomes several calls.
+    max_inputs_per_call: int = Field(2048, ge=1, le=2048)
+    max_tokens_per_call: int = Field(300_000, ge=1, le=300_000)
+    # Longer inputs are refused with 400 before any call (OpenAI rejects them too).
+    max_input_tokens: int = Field(8192, ge=1)
+    # Calls in flight at once, per upstream model.
+    concurrency: int = Field(4, ge=1, le=64)
+    # How long queued texts wait for company before a call leaves.
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    # Texts waiting for a call slot; beyond it requests get 503.
+    max_queue_texts: int = Field(65536, ge=1)
+    # One HTTP attempt, and all attempts of a call together (from its oldest text's arrival).
+    timeout_seconds: float = Field(30.0, gt=0)
+    deadline_seconds: float = Field(60.0, gt=0)
+    # Full-jitter exponential backoff between attempts; Retry-After wins when it is longer.
+    retry_base_seconds: float = Field(0.25, gt=0)
+    retry_max_seconds: float = Field(8.0, gt=0)
+    # Consecutive failed attempts (5xx, timeouts, refused connections) that open the breaker,
+    # and how long it stays open before one probe call may go.
+    breaker_failures: int = Field(5, ge=1)
+    breaker_reset_seconds: float = Field(10.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything embedpipe can be told.
 
@@ -126,6 +162,10 @@ class Settings(BaseSettings):
     # How the default model runs: torch (sentence-transformers), onnx (ONNX Runtime, exported
     # offline from the local weights) or openai (an OpenAI-compatible upstream API).
     backend: Literal["torch", "onnx", "openai"] = "torch"
+    # Models on the onnx backend: none = the fp32 export (same vectors as torch, cosine
+    # >= 0.9999), int8 = dynamically quantised (faster, cosine ~0.99; its own cache entries).
+    # Exports live under <data_dir>/onnx/.
+    onnx_quantize: Literal["none", "int8"] = "none"
     # More models served beside it: ``name=source`` or ``name=backend:source`` pairs,
     # comma-separated (``small=openai:text-embedding-3-small``).
     extra_models: str = ""
@@ -136,12 +176,22 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     rate_limit_rpm: int = Field(0, ge=0)
     rate_limit_tpm: int = Field(0, ge=0)
+    # The upstream of models with the ``openai`` backend (OpenAI or any compatible API).
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr = SecretStr("")
+    # The upstream model's full vector size; 0 = OpenAI's published size for its models, else
+    # learned from the first response.
+    openai_dimensions: int = Field(0, ge=0)
+    # What the upstream bills per million input tokens (text-embedding-3-small's list price),
+    # for the cost the cache saved.
+    openai_price_per_million_tokens: float = Field(0.02, ge=0)
 
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
 
     @property
     def distributed(self) -> bool:

@@ -11,10 +11,13 @@ from embedpipe.errors import InvalidInput
 
 
 def check_dimensions(dimensions: int | None, model_dimensions: int) -> int | None:
-    """``dimensions`` must be 1..the model's size; None (or the full size) means unchanged."""
+    """``dimensions`` must be 1..the model's size; None (or the full size) means unchanged.
+    A size of 0 is not known yet (an upstream model before its first answer): any positive
+    ``dimensions`` goes, for the upstream to judge."""
     if dimensions is None or dimensions == model_dimensions:
         return None
-    if isinstance(dimensions, bool) or not 1 <= dimensions <= model_dimensions:
+    upper = model_dimensions or dimensions
+    if isinstance(dimensions, bool) or not 1 <= dimensions <= upper:
         raise InvalidInput(
             f"'dimensions' must be between 1 and {model_dimensions} for this model, "
             f"got {dimensions}.",
@@ -24,8 +27,9 @@ def check_dimensions(dimensions: int | None, model_dimensions: int) -> int | Non
 
 
 def truncate(vectors: Vectors, dimensions: int | None) -> Vectors:
-    """The first ``dimensions`` components, renormalised to unit length (Matryoshka style)."""
-    if dimensions is None:
+    """The first ``dimensions`` components, renormalised to unit length (Matryoshka style).
+    Vectors already that size (an upstream model computed them so) are left as they are."""
+    if dimensions is None or vectors.shape[1] <= dimensions:
         return vectors
     prefix = vectors[:, :dimensions]
     norms = np.linalg.norm(prefix, axis=1, keepdims=True)

@@ -61,6 +61,32 @@ CATALOGUE: list[tuple[str, str, str, Any, int, str | None]] = [
     ("batch numbers", "POST", "/embed/batch", {"texts": [1, 2]}, 400, "texts.0"),
     ("batch empty item", "POST", "/embed/batch", {"texts": ["a", ""]}, 400, "texts"),
     ("batch too many", "POST", "/embed/batch", {"texts": ["a"] * 2049}, 400, "texts"),
+    # An unpaired UTF-16 surrogate is valid JSON grammar but not Unicode: once stored (batch
+    # metadata), no answer or listing could serialise it (this was a 500).
+    (
+        "unpaired surrogate",
+        "POST",
+        "/v1/batches",
+        b'{"input_file_id": "file-x\\ud800", "endpoint": "/v1/embeddings"}',
+        400,
+        None,
+    ),
+    (
+        "surrogate in input",
+        "POST",
+        "/v1/embeddings",
+        b'{"model": "m", "input": "\\udfff"}',
+        400,
+        None,
+    ),
+    (
+        "deep nesting",
+        "POST",
+        "/v1/embeddings",
+        b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        400,
+        None,
+    ),
     ("unknown route", "GET", "/v2/nothing", None, 404, None),
     ("wrong method", "GET", "/v1/embeddings", None, 405, None),
     ("unknown model id", "GET", "/v1/models/nope", None, 404, "model"),

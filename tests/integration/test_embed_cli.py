@@ -38,7 +38,7 @@ from embedpipe.service import EmbeddingService
 from embedpipe.settings import BatchingSettings, CacheSettings
 from tests.fakes import FakeEmbedder, vector_for
 from tests.integration.conftest import assert_same_vectors, reference_vectors
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 
 def read_output(path: Path) -> tuple[list[Any], np.ndarray]:
@@ -410,8 +410,9 @@ def test_usage_errors_need_no_model(tmp_path: Path) -> None:
     assert result.returncode == 1 and "cannot tell the format of in.xml" in result.stderr
     result = embed_cli(tmp_path, "in.jsonl", "-o", "out.csv", check=False)
     assert result.returncode == 1 and "--format" in result.stderr
-    result = embed_cli(tmp_path, "in.jsonl", "--server", "http://x:8000", check=False)
-    assert result.returncode == 2 and "--server is not implemented yet" in result.stderr
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = embed_cli(tmp_path, "in.jsonl", "--server", nobody, check=False)
+    assert result.returncode == 1 and f"cannot reach {nobody}" in result.stderr
 
 
 @pytest.mark.model

@@ -77,6 +77,26 @@ async def test_texts_of_similar_length_are_grouped() -> None:
         assert len({text[0] for text in batch}) == 1, batch
 
 
+async def test_a_batch_stops_growing_before_padding_exceeds_the_bound() -> None:
+    embedder = FakeEmbedder()
+    embedder.gate = threading.Event()
+    batcher = await _started(embedder, _settings(max_batch_size=8, max_padding=0.1))
+    try:
+        blocker = batcher.submit(["blocker"], [3])
+        await asyncio.sleep(0.05)
+        # Size and token budget would take all six in one call: padding does not.
+        texts = ["long", "near1", "near2", "short1", "short2", "short3"]
+        items = batcher.submit(texts, [120, 100, 90, 20, 20, 20])
+        embedder.gate.set()
+        await asyncio.gather(*(item.future for item in blocker + items))
+    finally:
+        await batcher.stop()
+    assert [sorted(batch) for batch in embedder.calls[1:]] == [
+        ["long", "near1", "near2"],
+        ["short1", "short2", "short3"],
+    ]
+
+
 async def test_full_queue_is_refused_whole() -> None:
     embedder = FakeEmbedder()
     embedder.gate = threading.Event()

@@ -3,12 +3,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from embedpipe.batcher import MicroBatcher
 from embedpipe.cache import MemoryTier, TieredCache
+from embedpipe.cache.sqlite import SqliteTier
 from embedpipe.embedders import ModelRegistry, ModelSpec
 from embedpipe.errors import ModelNotFound
 from embedpipe.service import EmbeddingService
@@ -104,3 +106,25 @@ async def test_a_request_whose_client_left_is_not_computed(harness: Harness) -> 
 async def test_unknown_model(harness: Harness) -> None:
     with pytest.raises(ModelNotFound):
         await harness.service.embed("nope", ["x"])
+
+
+async def test_a_corrupt_or_foreign_l2_entry_is_a_miss_never_served(tmp_path: Path) -> None:
+    """Whoever wrote a wrong-sized value under a key (a bug, a foreign writer, a truncated
+    write), it is recomputed, not served and not a 500."""
+    embedder = FakeEmbedder(name="fake")
+    registry = ModelRegistry()
+    registry.add(ModelSpec(name="fake", source="memory"), embedder)
+    batcher = MicroBatcher(embedder, BatchingSettings(max_wait_ms=0.0))
+    l2 = await SqliteTier(tmp_path / "cache.sqlite3", 1 << 20, 0).open()
+    cache = TieredCache(MemoryTier(1 << 20), l2)
+    service = EmbeddingService(registry, {"fake": batcher}, cache, CacheSettings())
+    batcher.start()
+    try:
+        keys = service._keys(embedder, ["short", "odd", "long"])
+        await l2.set_many({keys[0]: b"\x00" * 12, keys[1]: b"\x01" * 7, keys[2]: b"\x00" * 64})
+        result = await service.embed("fake", ["short", "odd", "long"])
+        assert result.sources == ["computed"] * 3
+        np.testing.assert_allclose(result.vectors[0], vector_for("short"))
+    finally:
+        await batcher.stop()
+        await cache.close()

@@ -24,6 +24,7 @@ from embedpipe.api.observability import (
     on_shutdown,
     on_startup,
 )
+from embedpipe.api.openapi import install_openapi
 from embedpipe.api.security import install_security
 from embedpipe.jobs.wiring import open_job_service
 from embedpipe.runtime import Runtime
@@ -72,7 +73,8 @@ def create_app(settings: Settings) -> FastAPI:
         larger_for={"/v1/files": settings.jobs.max_file_bytes + 64 * 1024},
     )
     # API keys, outside the body limit: an unauthenticated body is never read.
-    install_security(app, settings)
+    keys = install_security(app, settings)
+    install_openapi(app, auth=keys.enabled)
     app.add_middleware(JsonByDefaultMiddleware)
     app.add_middleware(DrainingMiddleware, is_draining=draining_of)
     app.add_middleware(ObservabilityMiddleware, traffic=traffic)

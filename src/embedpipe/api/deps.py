@@ -4,21 +4,47 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from embedpipe.runtime import Runtime
 
 T = TypeVar("T")
+Body = TypeVar("Body", bound=BaseModel)
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
+    # hop per request (a tenth of a cache hit's time, measured) for one attribute read.
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+async def json_body(request: Request, model: type[Body]) -> Body:
+    """The request's JSON body as ``model``, parsed and validated in one pass by pydantic-core.
+
+    The embedding routes read their bodies with this rather than a FastAPI body parameter,
+    which parses with the stdlib ``json``, inspects the content type with ``email.message`` and
+    validates in a second pass: about 6% of a cache hit's time, measured. Errors are
+    FastAPI's own (a 400 in OpenAI's envelope); document the body with :func:`body_schema`.
+    """
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` that documents a route's JSON body read with :func:`json_body`."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 class ClientGone(Exception):

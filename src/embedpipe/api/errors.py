@@ -23,18 +23,28 @@ from embedpipe.errors import (
     NotFound,
     NotReady,
     Overloaded,
+    TooLarge,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
 )
 
 log = logging.getLogger("embedpipe.api")
 
 # error class -> (status, OpenAI error type)
 _STATUS: dict[type[EmbedpipeError], tuple[int, str]] = {
+    TooLarge: (413, "invalid_request_error"),  # before InvalidInput: the first match wins
     InvalidInput: (400, "invalid_request_error"),
     ModelNotFound: (404, "invalid_request_error"),
     NotFound: (404, "invalid_request_error"),
     Overloaded: (503, "server_overloaded"),
     NotReady: (503, "service_unavailable"),
     ModelFailed: (500, "server_error"),
+    # The upstream API (``openai`` backend): its 429 stays a 429; its failures are a bad
+    # gateway (502), or 503 while its circuit breaker is open.
+    UpstreamRateLimited: (429, "rate_limit_error"),
+    UpstreamUnavailable: (503, "service_unavailable"),
+    UpstreamError: (502, "upstream_error"),
 }
 
 _HTTP_TYPES = {
@@ -76,8 +86,8 @@ def _domain_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, EmbedpipeError)
     status, type_ = status_for(exc)
     headers = None
-    if isinstance(exc, Overloaded | NotReady):
-        retry_after = exc.retry_after if isinstance(exc, Overloaded) else 1.0
+    if isinstance(exc, Overloaded | NotReady | UpstreamRateLimited | UpstreamUnavailable):
+        retry_after = 1.0 if isinstance(exc, NotReady) else exc.retry_after
         headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
     return error_response(
         status, exc.message, type_=type_, param=exc.param, code=exc.code, headers=headers
@@ -107,14 +117,31 @@ def _validation_error(_: Request, exc: Exception) -> Response:
     return error_response(400, message, type_="invalid_request_error", param=param)
 
 
-def _http_error(_: Request, exc: Exception) -> Response:
+def _allowed_methods(request: Request) -> str:
+    """Every method the path serves. Starlette's 405 names only those of the first route that
+    matched the path, and one path's GET and POST are often two routes."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for route in request.app.routes:
+        nested = getattr(route, "effective_route_contexts", None)  # an included router
+        for candidate in nested() if callable(nested) else (route,):
+            pattern = getattr(candidate, "path_regex", None)
+            if pattern is not None and pattern.match(path):
+                methods.update(getattr(candidate, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     detail = exc.detail if isinstance(exc.detail, str) else "Request failed."
     if status == 404 and detail == "Not Found":
         detail = "Unknown route."
+    headers = dict(exc.headers or {})
+    if status == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
     type_ = _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return error_response(status, detail, type_=type_, headers=dict(exc.headers or {}) or None)
+    return error_response(status, detail, type_=type_, headers=headers or None)
 
 
 def _unexpected_error(request: Request, exc: Exception) -> Response:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 from starlette.responses import FileResponse, Response
 
-from embedpipe.api.deps import json_response
+from embedpipe.api.deps import body_schema, json_body, json_response
 from embedpipe.api.schemas import ErrorBody
 from embedpipe.jobs.objects import JsonDict
 from embedpipe.jobs.service import JobService
@@ -21,6 +21,11 @@ router = APIRouter(prefix="/v1", tags=["Files and batches"])
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (400, 404, 413)
+}
+
+_FILE_BYTES: dict[str, object] = {
+    "description": "The file's bytes.",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
 }
 
 
@@ -93,15 +98,22 @@ async def delete_file(file_id: str, jobs: Jobs, owner: Owner) -> Response:
     return json_response(await jobs.delete_file(file_id, owner))
 
 
-@router.get("/files/{file_id}/content", responses=_ERRORS)
+@router.get(
+    "/files/{file_id}/content",
+    response_class=FileResponse,
+    responses={**_ERRORS, 200: _FILE_BYTES},
+)
 async def file_content(file_id: str, jobs: Jobs, owner: Owner) -> Response:
     """The file's bytes (batch output and error files are JSONL)."""
     return FileResponse(await jobs.file_path(file_id, owner), media_type="application/octet-stream")
 
 
-@router.post("/batches", responses=_ERRORS)
-async def create_batch(body: BatchCreate, jobs: Jobs, owner: Owner) -> Response:
+@router.post("/batches", responses=_ERRORS, openapi_extra=body_schema(BatchCreate))
+async def create_batch(request: Request, jobs: Jobs, owner: Owner) -> Response:
     """Start a batch over an uploaded file of ``/v1/embeddings`` requests."""
+    # Parsed by pydantic-core, not the stdlib: an unpaired surrogate (valid JSON grammar, not
+    # Unicode) is a 400 here instead of a batch that no answer or listing can serialise.
+    body = await json_body(request, BatchCreate)
     return json_response(
         await jobs.create_batch(
             body.input_file_id, body.endpoint, body.completion_window, body.metadata, owner

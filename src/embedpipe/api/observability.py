@@ -170,6 +170,10 @@ class ObservabilityMiddleware:
     def __init__(self, app: ASGIApp, traffic: TrafficWindow) -> None:
         self.app = app
         self.traffic = traffic
+        # The labelled children, looked up once per label set (``labels()`` takes a lock and
+        # builds a key on every call). Bounded like the label sets themselves.
+        self._counted: dict[tuple[str, str, int], Callable[[], None]] = {}
+        self._timed: dict[tuple[str, str], Callable[[float], None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -193,8 +197,16 @@ class ObservabilityMiddleware:
     def _finish(self, scope: Scope, status: int, seconds: float, fields: dict[str, Any]) -> None:
         route = route_template(scope)
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-        metrics.HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
-        metrics.HTTP_DURATION.labels(route=route, method=method).observe(seconds)
+        count = self._counted.get((route, method, status))
+        if count is None:
+            count = metrics.HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc
+            self._counted[route, method, status] = count
+        count()
+        observe = self._timed.get((route, method))
+        if observe is None:
+            observe = metrics.HTTP_DURATION.labels(route=route, method=method).observe
+            self._timed[route, method] = observe
+        observe(seconds)
         inputs = int(fields.get("inputs", 0))
         cache_hits = int(fields.get("cache_hits", 0))
         if route not in _OPS_ROUTES:
@@ -221,9 +233,8 @@ def on_startup(runtime: Runtime, traffic: TrafficWindow) -> None:
         [(m.name, m.backend, m.dimensions, m.max_tokens, m.weights_sha256 or "") for m in models],
     )
     for info in models:
-        metrics.QUEUE_CAPACITY.labels(model=info.name).set(
-            runtime.settings.batching.max_queue_texts
-        )
+        queue = runtime.settings.upstream if info.upstream else runtime.settings.batching
+        metrics.QUEUE_CAPACITY.labels(model=info.name).set(queue.max_queue_texts)
     traffic.watch_queue(lambda: sum(runtime.service.queue_depth().values()))
 
 

@@ -7,7 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from embedpipe.api.deps import get_runtime, json_response, unless_disconnected
+from embedpipe.api.deps import (
+    body_schema,
+    get_runtime,
+    json_body,
+    json_response,
+    unless_disconnected,
+)
 from embedpipe.api.schemas import EmbeddingRequest, EmbeddingResponse, ErrorBody, ModelList
 from embedpipe.api.security import admit
 from embedpipe.openai_embeddings import prepare, respond
@@ -20,21 +26,29 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.post("/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
+@router.post(
+    "/embeddings",
+    response_model=EmbeddingResponse,
+    responses=_ERRORS,
+    openapi_extra=body_schema(EmbeddingRequest),
+)
 async def create_embeddings(
-    body: EmbeddingRequest,
-    request: Request,
-    runtime: Annotated[Runtime, Depends(get_runtime)],
+    request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> Response:
     """Embed one text or many, as OpenAI's embeddings API does."""
+    body = await json_body(request, EmbeddingRequest)
     service = runtime.service
     prepared = prepare(service, runtime.token_decoder, runtime.settings.limits, body)
     # Counted once: the token budget is charged what `usage` reports, before any work.
     tokens = await service.count_tokens(prepared.model, prepared.texts)
     limit_headers = await admit(request, runtime, sum(tokens), param="input")
-    result = await unless_disconnected(
-        request, service.embed(prepared.model, prepared.texts, tokens)
-    )
+    # From L1 without a task; only work that may wait is watched for a client going away.
+    size = prepared.dimensions
+    result = service.embed_from_memory(prepared.model, prepared.texts, tokens, dimensions=size)
+    if result is None:
+        result = await unless_disconnected(
+            request, service.embed(prepared.model, prepared.texts, tokens, dimensions=size)
+        )
     return json_response(respond(prepared, result), headers=limit_headers)
 
 

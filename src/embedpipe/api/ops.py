@@ -26,10 +26,16 @@ async def health() -> Response:
 
 @router.get("/ready")
 async def ready(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
-    """Readiness: 503 while draining. A cache tier that is down makes it degraded, not 503:
-    otherwise one Redis blip would pull every replica out of rotation."""
+    """Readiness: 503 while draining. A cache tier that is down, or an upstream API whose
+    circuit breaker is open, makes it degraded, not 503: otherwise one Redis blip (or one
+    provider outage, while the cache still serves) would pull every replica out of rotation."""
     tiers = await runtime.cache.stats()
     degraded = [tier.name for tier in tiers if not tier.healthy]
+    degraded += [
+        f"upstream:{info.name}"
+        for info in (embedder.info for embedder in runtime.service.models)
+        if info.upstream and metrics.upstream_breaker_open(info.name)
+    ]
     body = {
         "status": "draining" if runtime.draining else ("degraded" if degraded else "ready"),
         "models": [embedder.info.name for embedder in runtime.service.models],
@@ -65,6 +71,13 @@ async def stats(request: Request, runtime: Annotated[Runtime, Depends(get_runtim
             },
             "queue_depth": runtime.service.queue_depth(),
             "rate_limited": metrics.rate_limited_counts(),
+            # Models served by an upstream API: its calls, the tokens it billed, and what the
+            # cache saved (tokens, and dollars at EMBEDPIPE_OPENAI_PRICE_PER_MILLION_TOKENS).
+            "upstream": {
+                embedder.info.name: metrics.upstream_counts(embedder.info.name)
+                for embedder in runtime.service.models
+                if embedder.info.upstream
+            },
             "traffic": traffic.snapshot(),
         }
     )

@@ -30,6 +30,7 @@ from embedpipe.errors import InvalidInput
 from embedpipe.ratelimit import Decision, LimiterUnavailable, Quota
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
+from embedpipe.tenancy import set_tenant
 
 log = logging.getLogger("embedpipe.security")
 
@@ -131,6 +132,7 @@ class AuthMiddleware:
             return
         address = client_address(scope, self.trusted_proxies)
         client = Client(f"ip:{address}")
+        set_tenant(None)
         if not self.is_open(scope["path"]):
             presented = _presented_key(scope["headers"])
             key = self.keys.authenticate(presented) if presented is not None else None
@@ -156,6 +158,7 @@ class AuthMiddleware:
                 return
             client = Client(f"key:{key.name}", key)
             logs.annotate(key=key.name)
+            set_tenant(key.name)
         scope.setdefault("state", {})["client"] = client
         await self.app(scope, receive, send)
 

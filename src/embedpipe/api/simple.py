@@ -7,7 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from embedpipe.api.deps import get_runtime, json_response, unless_disconnected
+from embedpipe.api.deps import (
+    body_schema,
+    get_runtime,
+    json_body,
+    json_response,
+    unless_disconnected,
+)
 from embedpipe.api.schemas import (
     EmbedBatchRequest,
     EmbedBatchResponse,
@@ -27,16 +33,27 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.post("/embed", response_model=EmbedResponse, responses=_ERRORS)
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=_ERRORS,
+    openapi_extra=body_schema(EmbedRequest),
+)
 async def embed_one(
-    body: EmbedRequest, request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
+    request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> Response:
     """One text in, one vector out; ``cached`` says whether the model was spared."""
+    body = await json_body(request, EmbedRequest)
     check_text(body.text, None, runtime.settings.limits, param="text")
     model = body.model or runtime.default_model
     tokens = await runtime.service.count_tokens(model, [body.text])
     limit_headers = await admit(request, runtime, sum(tokens), param="text")
-    result = await unless_disconnected(request, runtime.service.embed(model, [body.text], tokens))
+    # From L1 without a task; only work that may wait is watched for a client going away.
+    result = runtime.service.embed_from_memory(model, [body.text], tokens)
+    if result is None:
+        result = await unless_disconnected(
+            request, runtime.service.embed(model, [body.text], tokens)
+        )
     return json_response(
         {
             "embedding": result.vectors[0],
@@ -47,11 +64,17 @@ async def embed_one(
     )
 
 
-@router.post("/embed/batch", response_model=EmbedBatchResponse, responses=_ERRORS)
+@router.post(
+    "/embed/batch",
+    response_model=EmbedBatchResponse,
+    responses=_ERRORS,
+    openapi_extra=body_schema(EmbedBatchRequest),
+)
 async def embed_batch(
-    body: EmbedBatchRequest, request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
+    request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> Response:
     """Many texts in, vectors out in the same order."""
+    body = await json_body(request, EmbedBatchRequest)
     limits = runtime.settings.limits
     if not body.texts:
         raise InvalidInput("'texts' must not be an empty list.", param="texts")
@@ -65,7 +88,11 @@ async def embed_batch(
     model = body.model or runtime.default_model
     tokens = await runtime.service.count_tokens(model, body.texts)
     limit_headers = await admit(request, runtime, sum(tokens), param="texts")
-    result = await unless_disconnected(request, runtime.service.embed(model, body.texts, tokens))
+    result = runtime.service.embed_from_memory(model, body.texts, tokens)
+    if result is None:
+        result = await unless_disconnected(
+            request, runtime.service.embed(model, body.texts, tokens)
+        )
     return json_response(
         {
             "embeddings": result.vectors,

@@ -11,7 +11,7 @@ Build it once in the composition root::
 from __future__ import annotations
 
 from embedpipe.cache.base import CacheTier, TierStats
-from embedpipe.cache.keys import bytes_to_vector, cache_key, vector_to_bytes
+from embedpipe.cache.keys import VectorCodec, bytes_to_vector, cache_key, vector_to_bytes
 from embedpipe.cache.memory import MemoryTier
 from embedpipe.cache.redis import RedisTier
 from embedpipe.cache.sqlite import SqliteTier
@@ -25,6 +25,7 @@ __all__ = [
     "SqliteTier",
     "TierStats",
     "TieredCache",
+    "VectorCodec",
     "bytes_to_vector",
     "cache_key",
     "open_cache",

@@ -1,4 +1,4 @@
-"""A circuit breaker for an optional dependency (the cache Redis).
+"""A circuit breaker for a dependency that may fail (the cache Redis, an upstream API).
 
 closed --N consecutive failures--> open --reset_seconds--> half-open (ONE probe goes through)
 half-open --probe succeeds--> closed;  half-open --probe fails--> open again.
@@ -13,6 +13,8 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Literal
+
+from prometheus_client import Gauge
 
 from embedpipe.metrics import CACHE_BREAKER_OPEN
 
@@ -35,7 +37,12 @@ class CircuitBreaker:
         reset_seconds: float,
         tier: str,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        gauge: Gauge | None = None,
+        subject: str | None = None,
     ) -> None:
+        """``gauge``/``subject``: the 0/1 gauge and the name in log lines, for a dependency
+        other than a cache tier (default: the cache tier's)."""
         if failures < 1:
             raise ValueError("failures must be >= 1")
         self.failures = failures
@@ -46,7 +53,8 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at = 0.0
         self._probe_at = 0.0
-        self._gauge = CACHE_BREAKER_OPEN.labels(tier=tier)
+        self._gauge = gauge if gauge is not None else CACHE_BREAKER_OPEN.labels(tier=tier)
+        self._subject = subject or f"cache tier {tier}"
         self._gauge.set(0)
 
     @property
@@ -80,7 +88,7 @@ class CircuitBreaker:
         if self._state != "closed":
             self._state = "closed"
             self._gauge.set(0)
-            logger.info("cache tier %s: circuit breaker closed, tier back in use", self.tier)
+            logger.info("%s: circuit breaker closed, back in use", self._subject)
 
     def record_failure(self) -> None:
         self._consecutive += 1
@@ -88,15 +96,14 @@ class CircuitBreaker:
             # The probe failed: wait another full period before the next one.
             self._state = "open"
             self._opened_at = self._clock()
-            logger.debug("cache tier %s: probe failed, circuit breaker stays open", self.tier)
+            logger.debug("%s: probe failed, circuit breaker stays open", self._subject)
         elif self._state == "closed" and self._consecutive >= self.failures:
             self._state = "open"
             self._opened_at = self._clock()
             self._gauge.set(1)
             logger.warning(
-                "cache tier %s: circuit breaker open after %d consecutive failures; "
-                "skipping it for %.1fs",
-                self.tier,
+                "%s: circuit breaker open after %d consecutive failures; skipping it for %.1fs",
+                self._subject,
                 self._consecutive,
                 self.reset_seconds,
             )

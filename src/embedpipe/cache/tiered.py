@@ -24,8 +24,11 @@ class TieredCache:
         self.l1 = l1
         self.l2 = l2
 
-    async def get_many(self, keys: Sequence[str]) -> list[tuple[bytes, Source] | None]:
-        """Each key's value and the tier that had it, or None on a miss (in order)."""
+    async def get_many(
+        self, keys: Sequence[str], tokens: Sequence[int] | None = None
+    ) -> list[tuple[bytes, Source] | None]:
+        """Each key's value and the tier that had it, or None on a miss (in order).
+        ``tokens``: each key's token count, kept in L1 with the values promoted from L2."""
         found: list[tuple[bytes, Source] | None] = []
         missing: dict[str, None] = {}  # unique L1 misses, in first-seen order
         for key in keys:
@@ -40,16 +43,22 @@ class TieredCache:
         wanted = list(missing)
         values = await self.l2.get_many(wanted)
         from_l2 = {k: v for k, v in zip(wanted, values, strict=True) if v is not None}
+        token_of = dict(zip(keys, tokens, strict=True)) if tokens is not None else {}
         for key, value in from_l2.items():
-            self.l1.put(key, value)  # promote: the next lookup stays in process
+            # Promote: the next lookup stays in process.
+            self.l1.put(key, value, token_of.get(key))
         for i, key in enumerate(keys):
             if found[i] is None and key in from_l2:
                 found[i] = (from_l2[key], "l2")
         return found
 
-    async def set_many(self, items: Mapping[str, bytes]) -> None:
+    async def set_many(
+        self, items: Mapping[str, bytes], tokens: Mapping[str, int] | None = None
+    ) -> None:
+        """Write to both tiers; ``tokens`` (by key) are kept in L1 beside the values."""
+        token_of = tokens or {}
         for key, value in items.items():
-            self.l1.put(key, value)
+            self.l1.put(key, value, token_of.get(key))
         if self.l2 is not None and items:
             await self.l2.set_many(items)
 

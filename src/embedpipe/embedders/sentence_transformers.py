@@ -32,7 +32,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _weights_file(model_dir: Path) -> Path:
+def weights_file(model_dir: Path) -> Path:
     for name in _WEIGHT_FILES:
         candidate = model_dir / name
         if candidate.is_file():
@@ -70,7 +70,7 @@ class SentenceTransformerEmbedder:
         expected_sha256: str | None = None,
         prompt: str = "",
     ) -> None:
-        weights = _weights_file(model_dir)
+        weights = weights_file(model_dir)
         weights_sha256 = file_sha256(weights)
         if expected_sha256 and weights_sha256 != expected_sha256:
             raise ModelLoadError(

@@ -28,11 +28,18 @@ from pydantic import ValidationError
 from embedpipe import metrics
 from embedpipe.api.errors import status_for
 from embedpipe.api.schemas import EmbeddingRequest
-from embedpipe.errors import EmbedpipeError, NotReady, Overloaded
+from embedpipe.errors import (
+    EmbedpipeError,
+    NotReady,
+    Overloaded,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from embedpipe.jobs.objects import JsonDict, file_object, now
 from embedpipe.jobs.storage import Storage, concatenate_atomically, write_atomically
 from embedpipe.jobs.store import JobStore
 from embedpipe.settings import JobsSettings
+from embedpipe.tenancy import serving_tenant
 
 log = logging.getLogger("embedpipe.jobs")
 
@@ -150,7 +157,8 @@ class BatchProcessor:
             await self._expire_chunk(batch_id, index)
         elif batch["status"] == "in_progress" and not await self._store.chunk_done(batch_id, index):
             started = time.perf_counter()
-            completed, failed = await self._compute_chunk(batch_id, index)
+            with serving_tenant(batch.get("_owner")):  # its cache namespace, if per tenant
+                completed, failed = await self._compute_chunk(batch_id, index)
             if await self._store.commit_chunk(batch_id, index, completed, failed):
                 metrics.JOB_ITEMS.labels(status="succeeded").inc(completed)
                 metrics.JOB_ITEMS.labels(status="failed").inc(failed)
@@ -193,7 +201,7 @@ class BatchProcessor:
                 try:
                     body = await self._embed(parsed)
                     break
-                except Overloaded as busy:
+                except (Overloaded, UpstreamRateLimited) as busy:
                     # Batch work waits for room instead of failing: it has no deadline.
                     if attempt == _OVERLOAD_RETRIES - 1:
                         raise
@@ -205,7 +213,7 @@ class BatchProcessor:
                 400,
                 _envelope(f"'{param}': {first['msg']}.", "invalid_request_error", param),
             )
-        except (NotReady, Overloaded):
+        except (NotReady, Overloaded, UpstreamRateLimited, UpstreamUnavailable):
             raise  # transient: the chunk is not committed and runs again
         except EmbedpipeError as error:
             status, type_ = status_for(error)
@@ -332,13 +340,15 @@ def _parse_line(raw: bytes, seen: set[str]) -> tuple[JsonDict | None, JsonDict |
     """The request on a line, or what is wrong with it."""
     try:
         request = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
         return None, _problem("invalid_json", "The line is not valid JSON.")
     if not isinstance(request, dict):
         return None, _problem("invalid_request", "The line is not a JSON object.")
     custom_id = request.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return None, _problem("missing_custom_id", "'custom_id' must be a non-empty string.")
+    if not _storable(custom_id):
+        return None, _UNSTORABLE
     if custom_id in seen:
         return request, _problem("duplicate_custom_id", f"'custom_id' {custom_id!r} is repeated.")
     seen.add(custom_id)
@@ -348,11 +358,31 @@ def _parse_line(raw: bytes, seen: set[str]) -> tuple[JsonDict | None, JsonDict |
         return request, _problem("invalid_url", "'url' must be \"/v1/embeddings\".")
     if not isinstance(request.get("body"), dict):
         return request, _problem("invalid_body", "'body' must be a JSON object.")
+    if not _storable(request["body"]):
+        return request, _UNSTORABLE
     return {"custom_id": custom_id, "body": request["body"]}, None
+
+
+def _storable(value: object) -> bool:
+    """Whether orjson, which writes the chunk and result files, can write ``value``: Python's
+    json reads unpaired surrogates (not Unicode), integers past 64 bits and nesting deeper
+    than orjson's 254 levels, and one such line must not stop the whole batch."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def _problem(code: str, message: str) -> JsonDict:
     return {"code": code, "message": message}
+
+
+_UNSTORABLE = _problem(
+    "invalid_json",
+    "The line is not JSON this service can read: it holds an unpaired UTF-16 surrogate, an "
+    "integer beyond 64 bits or nesting deeper than 254 levels.",
+)
 
 
 def _error_entry(batch_id: str, line: int, request: JsonDict | None, problem: JsonDict) -> JsonDict:

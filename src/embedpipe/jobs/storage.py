@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from embedpipe.errors import InvalidInput
+from embedpipe.errors import TooLarge
 from embedpipe.jobs.objects import is_batch_id, is_file_id
 
 
-class FileTooLarge(InvalidInput):
+class FileTooLarge(TooLarge):
     pass
 
 

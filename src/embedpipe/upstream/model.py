@@ -1,0 +1,127 @@
+"""An upstream model as the service sees it: its name, size, cache identity and token counts.
+
+Tokens are counted offline with cl100k_base (``bpe-openai``), the tokenizer of OpenAI's
+embedding models: what ``usage`` reports, what rate limits charge and what a call may hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from embedpipe.embedders.base import ModelInfo
+from embedpipe.errors import InvalidInput
+
+log = logging.getLogger("embedpipe.upstream")
+
+BACKEND = "openai"
+
+# OpenAI's published full sizes: /v1/models and `dimensions` checks are right before the first
+# call. Any other upstream model learns its size from its first answer.
+KNOWN_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+
+
+def public_url(url: str) -> str:
+    """``url`` without credentials, query or fragment: safe for /stats, logs and cache keys."""
+    parts = urlsplit(url.strip())
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+class Cl100kCounter:
+    """cl100k_base token counts; the table loads on first use (about 40 ms)."""
+
+    @cached_property
+    def _encoding(self) -> Any:
+        with warnings.catch_warnings():
+            # bpe-openai 0.1.4 reads its table with the deprecated importlib.resources API.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import bpe_openai
+
+            return bpe_openai.get_encoding("cl100k_base")
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self._encoding.encode_ordinary_batch(list(texts))]
+
+
+class UpstreamModel:
+    """A model served by an OpenAI-compatible API: a ``ServedModel`` whose vectors come from
+    :class:`~embedpipe.upstream.batcher.UpstreamBatcher`.
+
+    >>> model = UpstreamModel("small", "text-embedding-3-small", "https://api.openai.com/v1")
+    >>> model.info.dimensions, model.count_tokens(["hello world"])
+    (1536, [2])
+    """
+
+    def __init__(
+        self,
+        name: str,
+        upstream_model: str,
+        base_url: str,
+        *,
+        dimensions: int = 0,
+        max_input_tokens: int = 8192,
+        price_per_million_tokens: float = 0.0,
+        counter: Cl100kCounter | None = None,
+    ) -> None:
+        self.upstream_model = upstream_model
+        self._counter = counter or Cl100kCounter()
+        self._info = ModelInfo(
+            name=name,
+            backend=BACKEND,
+            dimensions=dimensions or KNOWN_DIMENSIONS.get(upstream_model, 0),
+            max_tokens=max_input_tokens,
+            source=f"{public_url(base_url)} ({upstream_model})",
+            weights_sha256=None,
+            upstream=True,
+            price_per_million_tokens=price_per_million_tokens,
+        )
+        # The same model name at another provider may give other vectors; the key never is.
+        identity = {"backend": BACKEND, "base_url": public_url(base_url), "model": upstream_model}
+        blob = json.dumps(identity, sort_keys=True).encode()
+        self._fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """cl100k tokens per text; a text over the upstream's window is a 400 here, before
+        any call (the upstream would refuse it, failing the texts it shares a call with)."""
+        counts = self._counter.count(texts)
+        limit = self._info.max_tokens
+        for index, count in enumerate(counts):
+            if count > limit:
+                where = "input" if len(counts) == 1 else f"input[{index}]"
+                raise InvalidInput(
+                    f"'{where}' has {count} tokens; model '{self._info.name}' accepts at most "
+                    f"{limit} per input.",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+        return counts
+
+    def accept_dimensions(self, width: int) -> bool:
+        """Whether full-size vectors ``width`` wide fit this model: the first answer of a
+        model of unknown size teaches it its size."""
+        if self._info.dimensions == 0:
+            self._info = replace(self._info, dimensions=width)
+            log.info("upstream model %s answers %d-dimensional vectors", self._info.name, width)
+            return True
+        return width == self._info.dimensions
