@@ -444,9 +444,13 @@ def test_on_a_server_as_batches_killed_then_picked_up_row_by_row(
         time.sleep(0.05)
     first.kill()
     first.wait()
+    # As if it had been killed after the server created the batches but before the state
+    # file recorded them: the next run must adopt them from the server, not submit again.
+    state = json.loads(state_path.read_text())
+    state["batches"] = []
+    state_path.write_text(json.dumps(state))
 
     result = embed_cli(tmp_path, *args)
-    assert "picking up" in result.stderr
     assert "120 rows -> out.parquet" in result.stderr
     assert f"on {embedded_server.url}" in result.stderr
     assert "skipped 1 bad or failed rows" in result.stderr

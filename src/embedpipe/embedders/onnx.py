@@ -20,12 +20,7 @@ from embedpipe.embedders.onnx_export import (
     ensure_export,
     read_metadata,
 )
-from embedpipe.embedders.sentence_transformers import (
-    ModelLoadError,
-    file_sha256,
-    token_counter,
-    weights_file,
-)
+from embedpipe.embedders.sentence_transformers import checked_weights, token_counter
 
 log = logging.getLogger("embedpipe.model")
 
@@ -47,13 +42,7 @@ class OnnxEmbedder:
         spin: bool = False,
         expected_sha256: str | None = None,
     ) -> None:
-        weights = weights_file(model_dir)
-        weights_sha256 = file_sha256(weights)
-        if expected_sha256 and weights_sha256 != expected_sha256:
-            raise ModelLoadError(
-                f"weights of {name} at {weights} have sha256 {weights_sha256}, "
-                f"expected {expected_sha256}"
-            )
+        weights_sha256 = checked_weights(name, model_dir, expected_sha256)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         export_dir = ensure_export(model_dir, weights_sha256, variant, export_root)
         metadata = read_metadata(export_dir)

@@ -55,6 +55,18 @@ def token_counter(tokenizer: Any, max_tokens: int) -> Any:
     return counter
 
 
+def checked_weights(name: str, model_dir: Path, expected_sha256: str | None) -> str:
+    """The sha256 of the model's weights; ModelLoadError when they are not the expected ones."""
+    weights = weights_file(model_dir)
+    weights_sha256 = file_sha256(weights)
+    if expected_sha256 and weights_sha256 != expected_sha256:
+        raise ModelLoadError(
+            f"weights of {name} at {weights} have sha256 {weights_sha256}, "
+            f"expected {expected_sha256}"
+        )
+    return weights_sha256
+
+
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
@@ -70,13 +82,7 @@ class SentenceTransformerEmbedder:
         expected_sha256: str | None = None,
         prompt: str = "",
     ) -> None:
-        weights = weights_file(model_dir)
-        weights_sha256 = file_sha256(weights)
-        if expected_sha256 and weights_sha256 != expected_sha256:
-            raise ModelLoadError(
-                f"weights of {name} at {weights} have sha256 {weights_sha256}, "
-                f"expected {expected_sha256}"
-            )
+        weights_sha256 = checked_weights(name, model_dir, expected_sha256)
         # The hub must never be reached, whatever the caller's environment says.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer

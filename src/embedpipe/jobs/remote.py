@@ -175,8 +175,14 @@ def _submit(
     state: dict[str, Any],
     on_bad_row: Callable[[BadRow], None] | None,
 ) -> tuple[pa.DataType, int]:
-    """Upload and create the batches not created yet; (id type, bad rows left out)."""
+    """Upload and create the batches not created yet; (id type, bad rows left out).
+
+    A run killed between the server creating a batch and the state file recording it would
+    submit that segment again: each batch carries the job's key and its segment number in its
+    metadata, and a segment the server already has is adopted, not submitted twice."""
     already = len(state["batches"])
+    job_tag = str(state["job_key"])[:32]
+    on_server = _batches_of_job(client, job_tag)
     skipped = 0
     with open_reader(job.input, text_field=job.text_field, id_field=job.id_field) as reader:
         for index, segment in enumerate(_segments(reader, job, model)):
@@ -186,6 +192,10 @@ def _submit(
             for bad in segment.bad:
                 if on_bad_row is not None:
                     on_bad_row(bad)
+            if index in on_server:
+                state["batches"].append(on_server[index])
+                _write_state(job.state_path, state)
+                continue
             upload = client.files.create(
                 file=(f"{job.input.name}.part{index:05d}.jsonl", segment.lines.getvalue()),
                 purpose="batch",
@@ -194,7 +204,11 @@ def _submit(
                 input_file_id=upload.id,
                 endpoint="/v1/embeddings",
                 completion_window="24h",
-                metadata={"embedpipe_input": job.input.name[:256], "segment": str(index)},
+                metadata={
+                    "embedpipe_input": job.input.name[:256],
+                    "embedpipe_job": job_tag,
+                    "segment": str(index),
+                },
             )
             state["batches"].append(batch.id)
             _write_state(job.state_path, state)  # before anything else can fail
@@ -202,6 +216,22 @@ def _submit(
     state["submitted_all"] = True
     _write_state(job.state_path, state)
     return id_type, skipped
+
+
+_MAX_ADOPT_SCAN = 10_000  # batches listed when looking for this job's own
+
+
+def _batches_of_job(client: OpenAI, job_tag: str) -> dict[int, str]:
+    """Segment number -> batch id of the batches this job already has on the server."""
+    found: dict[int, str] = {}
+    for seen, batch in enumerate(client.batches.list(limit=100)):
+        if seen >= _MAX_ADOPT_SCAN:
+            break
+        metadata = batch.metadata or {}
+        segment = metadata.get("segment", "")
+        if metadata.get("embedpipe_job") == job_tag and segment.isdigit():
+            found.setdefault(int(segment), batch.id)  # newest first: keep the latest
+    return found
 
 
 @dataclass(slots=True)
