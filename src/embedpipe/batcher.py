@@ -18,7 +18,7 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -55,6 +55,23 @@ class PendingText:
         self.waiters -= 1
         if self.waiters <= 0 and not self.future.done():
             self.future.cancel()
+
+
+async def wait_for_company(
+    wakeup: asyncio.Event, deadline: float, full: Callable[[], bool]
+) -> None:
+    """Wait until ``full()`` (checked each time ``wakeup`` is set: new texts arrived) or the
+    ``time.perf_counter()`` ``deadline``, whichever comes first."""
+    while not full():
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            return
+        wakeup.clear()
+        try:
+            async with asyncio.timeout(remaining):
+                await wakeup.wait()
+        except TimeoutError:
+            return
 
 
 class Batcher(Protocol):
@@ -155,16 +172,9 @@ class MicroBatcher:
     async def _wait_for_company(self) -> None:
         """Give concurrent requests up to max_wait (from the oldest text's arrival) to join."""
         deadline = self._pending[0].enqueued_at + self._settings.max_wait_ms / 1000
-        while len(self._pending) < self._settings.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                return
+        await wait_for_company(
+            self._wakeup, deadline, lambda: len(self._pending) >= self._settings.max_batch_size
+        )
 
     def _take_batch(self) -> list[PendingText]:
         """The oldest text plus its nearest neighbours by token length, within the limits."""

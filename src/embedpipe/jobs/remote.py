@@ -20,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import time
@@ -342,7 +343,11 @@ def _download(
     rows = sum(batch.request_counts.completed for batch in batches if batch.request_counts)
     if rows == 0:
         raise DatasetError("no row was embedded")
-    dims = _first_dims(client, batches)
+    lines = _output_lines(client, batches)
+    first = next(lines, None)
+    if first is None:
+        raise DatasetError(f"the server's output files hold no rows, expected {rows}")
+    dims = int(_vector(first).shape[0])
     tmp = job.output.with_name(f".{job.output.name}.downloading")
     written = 0
     metadata = {"embedpipe.model": model, "embedpipe.server": job.server}
@@ -351,7 +356,7 @@ def _download(
     ) as writer:
         ids: list[RowId] = []
         vectors: list[np.ndarray] = []
-        for line in _output_lines(client, batches):
+        for line in itertools.chain([first], lines):
             ids.append(int(line["custom_id"]) if id_type == pa.int64() else line["custom_id"])
             vectors.append(_vector(line))
             if len(ids) == _WRITE_ROWS:
@@ -386,12 +391,6 @@ def _vector(line: dict[str, Any]) -> np.ndarray:
     if isinstance(embedding, str):
         return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
     return np.asarray(embedding, dtype=np.float32)
-
-
-def _first_dims(client: OpenAI, batches: list[Batch]) -> int:
-    for line in _output_lines(client, batches):
-        return int(_vector(line).shape[0])
-    return 0
 
 
 def _report_errors(client: OpenAI, batches: list[Batch], say: Notice) -> int:

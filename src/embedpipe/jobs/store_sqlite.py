@@ -66,20 +66,11 @@ class SqliteJobStore:
     async def list_files(
         self, purpose: str | None, after: str | None, limit: int
     ) -> list[JsonDict]:
-        def query(db: sqlite3.Connection) -> list[Any]:
-            sql = "SELECT doc FROM files WHERE 1=1"
-            args: list[Any] = []
-            if purpose:
-                sql += " AND purpose = ?"
-                args.append(purpose)
-            if after:
-                sql += " AND (created_at, id) < (SELECT created_at, id FROM files WHERE id = ?)"
-                args.append(after)
-            sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-            args.append(limit)
-            return db.execute(sql, args).fetchall()
-
-        return [_load(row[0]) for row in await self._run(query)]
+        where, args = ("purpose = ?", [purpose]) if purpose else ("1=1", [])
+        rows = await self._run(
+            lambda db: _newest_first(db, "files", "doc", where, args, after, limit)
+        )
+        return [_load(row[0]) for row in rows]
 
     async def put_batch(self, batch: JsonDict) -> None:
         await self._run(
@@ -123,17 +114,10 @@ class SqliteJobStore:
         return await self._run(update)
 
     async def list_batches(self, after: str | None, limit: int) -> list[JsonDict]:
-        def query(db: sqlite3.Connection) -> list[Any]:
-            sql = "SELECT doc, status FROM batches"
-            args: list[Any] = []
-            if after:
-                sql += " WHERE (created_at, id) < (SELECT created_at, id FROM batches WHERE id = ?)"
-                args.append(after)
-            sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-            args.append(limit)
-            return db.execute(sql, args).fetchall()
-
-        return [{**_load(doc), "status": status} for doc, status in await self._run(query)]
+        rows = await self._run(
+            lambda db: _newest_first(db, "batches", "doc, status", "1=1", [], after, limit)
+        )
+        return [{**_load(doc), "status": status} for doc, status in rows]
 
     async def active_batch_ids(self) -> list[str]:
         marks = ",".join("?" * len(ACTIVE_STATUSES))
@@ -188,3 +172,22 @@ class SqliteJobStore:
 def _load(doc: str) -> JsonDict:
     loaded: JsonDict = json.loads(doc)
     return loaded
+
+
+def _newest_first(
+    db: sqlite3.Connection,
+    table: str,
+    columns: str,
+    where: str,
+    args: list[Any],
+    after: str | None,
+    limit: int,
+) -> list[Any]:
+    """One page of ``table``'s rows (our own table and column names, never input) newest
+    first, after the row whose id is ``after``: the cursor pagination of OpenAI's lists."""
+    sql = f"SELECT {columns} FROM {table} WHERE {where}"
+    if after:
+        sql += f" AND (created_at, id) < (SELECT created_at, id FROM {table} WHERE id = ?)"
+        args = [*args, after]
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    return db.execute(sql, [*args, limit]).fetchall()

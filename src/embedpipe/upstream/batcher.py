@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 
 from embedpipe import metrics
-from embedpipe.batcher import PendingText
+from embedpipe.batcher import PendingText, wait_for_company
 from embedpipe.embedders.base import Vectors
 from embedpipe.errors import EmbedpipeError, NotReady, Overloaded, UpstreamFailed
 from embedpipe.settings import UpstreamSettings
@@ -126,16 +126,7 @@ class UpstreamBatcher:
         """Until a call is full or the oldest text has waited ``max_wait_ms``."""
         oldest = min(queue[0].enqueued_at for queue in self._queues.values() if queue)
         deadline = oldest + self._settings.max_wait_ms / 1000
-        while not self._a_call_is_full():
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                return
+        await wait_for_company(self._wakeup, deadline, self._a_call_is_full)
 
     def _a_call_is_full(self) -> bool:
         limit_inputs = self._settings.max_inputs_per_call
