@@ -240,6 +240,9 @@ async def _embed_chunks(
     # One thread reads the input, so the event loop never blocks on it; it is joined before
     # the reader closes, so a file is never closed under a read.
     read_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-reader")
+    # Part files are written here; shut down (waited for) before returning, so no part from a
+    # cancelled chunk lands after the job has ended.
+    commit_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-commit")
     chunks = _chunks(reader, job.chunk_size)
     running: set[asyncio.Task[None]] = set()
     n_chunks = 0
@@ -253,7 +256,9 @@ async def _embed_chunks(
             vectors[start : start + len(result.vectors)] = result.vectors
             hits += result.cached_count
         ids = pa.array([row.id for row in chunk.rows], type=reader.id_type)
-        await asyncio.to_thread(work.commit, chunk.index, ids, vectors, len(chunk.bad), ids.type)
+        await loop.run_in_executor(
+            commit_thread, work.commit, chunk.index, ids, vectors, len(chunk.bad), ids.type
+        )
         progress.rows += len(texts)
         progress.embedded += len(texts)
         progress.cache_hits += hits
@@ -297,6 +302,7 @@ async def _embed_chunks(
         await asyncio.gather(*running, return_exceptions=True)
         # Wait for a read in progress (one chunk at most) before the reader is closed.
         await loop.run_in_executor(None, read_thread.shutdown)
+        await loop.run_in_executor(None, commit_thread.shutdown)
         chunks.close()
     return n_chunks
 
