@@ -63,6 +63,12 @@ class ServerProcess:
         self.stop()
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.logs()}")
 
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()  # also when the test failed half-way: no server left running
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return

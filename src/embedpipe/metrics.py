@@ -42,6 +42,11 @@ HTTP_REQUESTS = Counter(
     "HTTP requests answered, by route template, method and status code.",
     ["route", "method", "status"],
 )
+HTTP_IN_FLIGHT = Gauge(
+    "embedpipe_http_requests_in_flight",
+    "Work requests (not probes or scrapes) being answered now; a drain waits for these.",
+    multiprocess_mode="livesum",
+)
 HTTP_DURATION = Histogram(
     "embedpipe_http_request_duration_seconds",
     "Time from the request's arrival to the end of its response, by route template.",

@@ -188,10 +188,16 @@ class ObservabilityMiddleware:
                 status = message["status"]
             await send(message)
 
+        # By path: the route template is only known once routing ran.
+        is_work = scope["path"] not in _OPS_ROUTES
+        if is_work:
+            metrics.HTTP_IN_FLIGHT.inc()
         with request_fields() as fields:
             try:
                 await self.app(scope, receive, send_and_note)
             finally:
+                if is_work:
+                    metrics.HTTP_IN_FLIGHT.dec()
                 self._finish(scope, status, time.perf_counter() - started, fields)
 
     def _finish(self, scope: Scope, status: int, seconds: float, fields: dict[str, Any]) -> None:
