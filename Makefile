@@ -76,7 +76,7 @@ bench-embed: install  ## `embedpipe embed` on a generated 20k-row JSONL: rows/s 
 .PHONY: bench-embed
 
 bench-backends: install  ## torch vs ONNX fp32 vs ONNX int8: texts/s, fidelity, thread counts
-	$(BIN)/python -m benchmarks.backends --threads
+	$(BIN)/python -m benchmarks.backends --threads --budgets 512,1024,2048,4096,16384
 
 .PHONY: bench-backends
 

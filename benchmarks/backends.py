@@ -4,14 +4,16 @@ each to torch. The absolute numbers move with the machine's load; the ratios of 
 
     make bench-backends            # or: python -m benchmarks.backends --texts 512
 
-Batches are what the service's micro-batcher builds: texts sorted by token length, 32 at a
-time. Each batch goes to every backend in turn (the order rotating), so a burst of load on the
-shared machine slows all of them alike; "best" sums each batch's fastest of --rounds runs.
+Batches are what the service's micro-batcher builds: texts sorted by token length, up to 32
+at a time and ``max_batch_tokens`` padded tokens (1,024 by default, --budget). Each batch goes
+to every backend in turn (the order rotating), so a burst of load on the shared machine slows
+all of them alike; "best" sums each batch's fastest of --rounds runs.
 Fidelity to torch fp32, per text: cosine (mean, min); per query text: the share of its 10
 nearest neighbours in the corpus that are the same.
 
---threads also compares intra-op threads (1 vs all cores) and two model calls at once with
-one thread each, for torch and for ONNX fp32.
+--budgets compares padded-token budgets per model call for torch and ONNX fp32. --threads
+also compares intra-op threads (1 vs all cores) and two model calls at once with one thread
+each, for torch and for ONNX fp32.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from rich.table import Table
 
 from benchmarks.corpus import load_corpus
 from embedpipe.embedders import Embedder, configure_threads, load_embedder, parse_model_specs
-from embedpipe.settings import Settings
+from embedpipe.settings import BatchingSettings, Settings
 
 console = Console(width=120)  # tables stay whole when the output is a file or a pipe
 BATCH = 32
@@ -107,11 +109,19 @@ def _onnx_spinning(data_dir: Path, threads: int) -> Embedder:
     return embedder
 
 
-def length_sorted_batches(embedder: Embedder, texts: list[str]) -> list[list[str]]:
-    """What the micro-batcher does: similar token lengths together, so little padding."""
+def token_budget_batches(
+    embedder: Embedder, texts: list[str], budget: int, size: int = BATCH
+) -> list[list[str]]:
+    """Length-sorted batches of at most ``size`` texts and ``budget`` padded tokens (texts x
+    the longest), as the batcher's ``max_batch_tokens`` bounds them."""
     counts = embedder.count_tokens(texts)
-    ordered = [text for _, text in sorted(zip(counts, texts, strict=True))]
-    return [ordered[offset : offset + BATCH] for offset in range(0, len(ordered), BATCH)]
+    batches: list[list[str]] = [[]]
+    for count, text in sorted(zip(counts, texts, strict=True)):
+        batch = batches[-1]
+        if batch and (len(batch) == size or (len(batch) + 1) * count > budget):
+            batches.append(batch := [])
+        batch.append(text)
+    return batches
 
 
 def race(contenders: list[Contender], batches: list[list[str]], rounds: int) -> None:
@@ -198,6 +208,27 @@ def _backends_table(contenders: list[Contender], queries: int) -> Table:
     return table
 
 
+def _budget_study(
+    models: tuple[Embedder, Embedder], cores: int, texts: list[str], budgets: list[int], rounds: int
+) -> Table:
+    """texts/s of torch and ONNX fp32 per padded-token budget of a model call."""
+    table = Table(
+        "max_batch_tokens", "model calls", "torch texts/s", "onnx fp32 texts/s", "x torch"
+    )
+    for budget in budgets:
+        batches = token_budget_batches(models[0], texts, budget)
+        pair = [Contender("torch", models[0], cores), Contender("onnx fp32", models[1], cores)]
+        race(pair, batches, rounds)
+        table.add_row(
+            f"{budget:,}",
+            str(len(batches)),
+            f"{pair[0].best_rate:,.1f}",
+            f"{pair[1].best_rate:,.1f}",
+            f"{pair[1].best_rate / pair[0].best_rate:.2f}",
+        )
+    return table
+
+
 def _threads_study(
     data_dir: Path, torch_model: Embedder, batches: list[list[str]], cores: int, rounds: int
 ) -> Table:
@@ -239,6 +270,17 @@ def main() -> None:
         "--data-dir", type=Path, default=None, help="where exports live (EMBEDPIPE_DATA_DIR)"
     )
     parser.add_argument("--threads", action="store_true", help="also compare thread counts")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=BatchingSettings().max_batch_tokens,
+        help="padded tokens per model call (EMBEDPIPE_BATCHING__MAX_BATCH_TOKENS)",
+    )
+    parser.add_argument(
+        "--budgets",
+        default="",
+        help="also compare padded-token budgets per model call, e.g. 512,1024,2048,16384",
+    )
     args = parser.parse_args()
     data_dir: Path = args.data_dir or Settings().data_dir
     cores = configure_threads(0)  # as the service does (before anything imports torch)
@@ -251,15 +293,22 @@ def main() -> None:
         Contender("onnx fp32", _load(data_dir, "onnx", cores), cores),
         Contender("onnx int8", _load(data_dir, "onnx", cores, quantize="int8"), cores),
     ]
-    batches = length_sorted_batches(torch_model, texts)
+    batches = token_budget_batches(torch_model, texts, args.budget)
     console.print(
-        f"{len(texts)} texts in {len(batches)} length-sorted batches of {BATCH}, "
+        f"{len(texts)} texts in {len(batches)} length-sorted batches of up to {BATCH} texts "
+        f"and {args.budget:,} padded tokens, "
         f"{args.rounds} rounds; best = each batch's fastest round"
     )
     race(contenders, batches, args.rounds)
     console.print(_backends_table(contenders, args.queries))
     if args.threads:
         console.print(_threads_study(data_dir, torch_model, batches, cores, args.rounds))
+    if args.budgets:
+        budgets = [int(budget) for budget in args.budgets.split(",")]
+        console.print("texts/s by padded tokens per model call (best rounds):")
+        console.print(
+            _budget_study((torch_model, contenders[1].embedder), cores, texts, budgets, args.rounds)
+        )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ class BatchingSettings(BaseModel):
     """How the micro-batcher fills model batches."""
 
     max_batch_size: int = Field(32, ge=1, le=4096)
-    # Padded tokens (batch size x longest text) one model call may hold.
-    max_batch_tokens: int = Field(16384, ge=256)
+    # Padded tokens (batch size x longest text) one model call may hold. Small on purpose:
+    # on CPU a call over ~1k tokens runs slower per token (its activations and attention
+    # scores outgrow the caches): 1024 gave torch 1.15x and ONNX 1.2x the texts/s of 16384
+    # (make bench-backends --budgets). Raise it on a GPU.
+    max_batch_tokens: int = Field(1024, ge=256)
     # A batch grows only while padding stays under this share of its padded tokens (beyond a
     # few tokens per text): on CPU a padded token costs as much as a real one.
     max_padding: float = Field(0.1, ge=0.0, lt=1.0)
