@@ -19,8 +19,11 @@ class EmbeddingRequest(BaseModel):
     )
     model: str = Field(examples=["all-MiniLM-L6-v2"])
     encoding_format: Literal["float", "base64"] = "float"
+    # Strict: a JSON true or "8" is a client's mistake, not the size 1 or 8.
     dimensions: int | None = Field(
-        None, description="Return the first N dimensions, renormalised to unit length."
+        None,
+        strict=True,
+        description="Return the first N dimensions, renormalised to unit length.",
     )
     user: str | None = None
 
