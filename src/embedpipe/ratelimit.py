@@ -177,6 +177,8 @@ class RedisBackend:
         }
         self.storage: RedisStorage
         if cluster:
+            # limits takes only the address from this URL: TLS has to be passed on by hand.
+            options["ssl"] = url.startswith("rediss://")
             address = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
             self.storage = RedisClusterStorage(
                 f"async+redis+cluster://{address}",

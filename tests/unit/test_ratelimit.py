@@ -14,6 +14,7 @@ import pytest
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
 
 from embedpipe import metrics
 from embedpipe.api.security import _duration, rate_limit_headers
@@ -320,3 +321,16 @@ async def test_redis_cluster_keeps_a_clients_windows_in_one_slot(
                 assert _window(refused, "tokens").remaining == 40
         finally:
             await limiter.close()
+
+
+@pytest.mark.parametrize(("scheme", "tls"), [("rediss", True), ("redis", False)])
+async def test_a_cluster_url_keeps_its_tls_and_credentials(scheme: str, tls: bool) -> None:
+    """limits builds the cluster client from the address alone; TLS must not be lost on the
+    way (nothing connects here: cluster clients connect on first use)."""
+    backend = RedisBackend(f"{scheme}://user:secret@10.0.0.1:7000/0?cluster=true", "cl", 1.0, 1.0)
+    try:
+        connection = backend._client.nodes_manager.connection_kwargs  # type: ignore[union-attr]
+        assert issubclass(connection["connection_class"], SSLConnection) is tls
+        assert (connection["username"], connection["password"]) == ("user", "secret")
+    finally:
+        await backend.close()
