@@ -15,17 +15,23 @@ from embedpipe.errors import InvalidInput
 from embedpipe.settings import LimitsSettings
 
 
+def load_cl100k() -> Any:
+    """OpenAI's cl100k_base encoding (about 40 ms to load): for token-id inputs and for
+    counting an OpenAI model's tokens."""
+    with warnings.catch_warnings():
+        # bpe-openai 0.1.4 reads its table with the deprecated importlib.resources API.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai
+
+        return bpe_openai.get_encoding("cl100k_base")
+
+
 class TokenDecoder:
-    """cl100k_base ids back to text; loaded on first use (about 40 ms)."""
+    """cl100k_base ids back to text; loaded on first use."""
 
     @cached_property
     def _encoding(self) -> Any:
-        with warnings.catch_warnings():
-            # bpe-openai 0.1.4 reads its table with the deprecated importlib.resources API.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import bpe_openai
-
-            return bpe_openai.get_encoding("cl100k_base")
+        return load_cl100k()
 
     def decode(self, ids: list[int], index: int | None) -> str:
         where = "input" if index is None else f"input[{index}]"

@@ -8,9 +8,11 @@ async batcher instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +34,13 @@ class ModelInfo:
     # own cache entry, not a cut of the full vector) and cache hits are tokens not billed.
     upstream: bool = False
     price_per_million_tokens: float = 0.0
+
+
+def fingerprint_of(identity: Mapping[str, Any]) -> str:
+    """A model's cache fingerprint from everything that changes its vectors (JSON-able):
+    equal identities give equal keys, whatever process computes them."""
+    blob = json.dumps(identity, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class ServedModel(Protocol):

@@ -3,8 +3,6 @@ fp32 or dynamically quantised to int8."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -13,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.embedders.base import ModelInfo, Vectors
+from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
 from embedpipe.embedders.onnx_export import (
     MODEL_FILE,
     Variant,
@@ -78,8 +76,7 @@ class OnnxEmbedder:
             "max_tokens": self._info.max_tokens,
             "prompt": "",
         }
-        blob = json.dumps(identity, sort_keys=True).encode()
-        self._fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+        self._fingerprint = fingerprint_of(identity)
         fidelity = metadata.get("fidelity", {})
         log.info(
             "loaded model %s on ONNX Runtime (%s, %d threads) from %s; probe cosine to %s min %.6f",

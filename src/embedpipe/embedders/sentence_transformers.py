@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.embedders.base import ModelInfo, Vectors
+from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
 from embedpipe.errors import EmbedpipeError
 
 log = logging.getLogger("embedpipe.model")
@@ -112,8 +112,7 @@ class SentenceTransformerEmbedder:
             "max_tokens": max_tokens,
             "prompt": prompt,
         }
-        blob = json.dumps(identity, sort_keys=True).encode()
-        self._fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+        self._fingerprint = fingerprint_of(identity)
         log.info(
             "loaded model %s from %s (sha256 %s, %d dims, window %d tokens)",
             name,

@@ -6,18 +6,16 @@ embedding models: what ``usage`` reports, what rate limits charge and what a cal
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from embedpipe.embedders.base import ModelInfo
+from embedpipe.embedders.base import ModelInfo, fingerprint_of
 from embedpipe.errors import InvalidInput
+from embedpipe.inputs import load_cl100k
 
 log = logging.getLogger("embedpipe.upstream")
 
@@ -41,16 +39,11 @@ def public_url(url: str) -> str:
 
 
 class Cl100kCounter:
-    """cl100k_base token counts; the table loads on first use (about 40 ms)."""
+    """cl100k_base token counts; the table loads on first use."""
 
     @cached_property
     def _encoding(self) -> Any:
-        with warnings.catch_warnings():
-            # bpe-openai 0.1.4 reads its table with the deprecated importlib.resources API.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import bpe_openai
-
-            return bpe_openai.get_encoding("cl100k_base")
+        return load_cl100k()
 
     def count(self, texts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self._encoding.encode_ordinary_batch(list(texts))]
@@ -90,8 +83,7 @@ class UpstreamModel:
         )
         # The same model name at another provider may give other vectors; the key never is.
         identity = {"backend": BACKEND, "base_url": public_url(base_url), "model": upstream_model}
-        blob = json.dumps(identity, sort_keys=True).encode()
-        self._fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+        self._fingerprint = fingerprint_of(identity)
 
     @property
     def info(self) -> ModelInfo:
