@@ -63,6 +63,8 @@ def serve(
     """Start the HTTP API (embedded default: no configuration needed)."""
     import uvicorn
 
+    from embedpipe.api.connections import server_options
+
     # Never reach the Hugging Face hub from a server.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings(host=host, port=port, workers=workers)
@@ -84,6 +86,7 @@ def serve(
                 log_config=log_config,
                 access_log=False,
                 timeout_graceful_shutdown=settings.drain_timeout_seconds,
+                **server_options(settings),
             )
             return
         from embedpipe.api.app import create_app
@@ -96,6 +99,7 @@ def serve(
             log_config=log_config,
             access_log=False,
             timeout_graceful_shutdown=settings.drain_timeout_seconds,
+            **server_options(settings),
         )
     finally:
         if private_metrics_dir is not None:

@@ -20,6 +20,7 @@ from embedpipe.inputs import TokenDecoder
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import Settings
+from embedpipe.tenancy import cache_per_tenant
 
 log = logging.getLogger("embedpipe")
 
@@ -62,7 +63,10 @@ class Runtime:
         cache = await open_cache(settings)
         for batcher in batchers.values():
             batcher.start()
-        service = EmbeddingService(registry, batchers, cache, settings.cache)
+        cache_settings = settings.cache.model_copy(
+            update={"per_tenant": cache_per_tenant(settings)}
+        )
+        service = EmbeddingService(registry, batchers, cache, cache_settings)
         # What is loaded now (torch, transformers, the models: ~500k objects) lives as long as
         # the process. Frozen, the cyclic GC stops walking it in every full collection, which
         # took ~0.5 s here with every request stalled behind it.

@@ -52,7 +52,7 @@ class EmbeddingService:
         self._batchers = batchers
         self._cache = cache
         self._namespace = cache_settings.namespace
-        self._per_tenant = cache_settings.per_tenant
+        self._per_tenant = bool(cache_settings.per_tenant)
         self._codec = VectorCodec(cache_settings.store_dtype)
         # Texts being computed right now, by cache key: later requests wait on the same work.
         self._in_flight: dict[str, PendingText] = {}

@@ -42,9 +42,11 @@ class CacheSettings(BaseModel):
 
     enabled: bool = True
     namespace: str = "ep"
-    # Each API key gets its own cache namespace, so no tenant can time another's cache hits
-    # (at the price of hit rate: the same text is computed once per key).
-    per_tenant: bool = False
+    # Each API key gets its own cache namespace, so no tenant learns what another embedded
+    # (from the `cached` flag, `cached_count` or the time of a hit), at the price of hit rate:
+    # the same text is computed once per key. None (the default) = on when more than one key
+    # is configured; false shares one cache across keys, and with it that knowledge.
+    per_tenant: bool | None = None
     l1_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
     ttl_seconds: int = Field(30 * 24 * 3600, ge=0)  # 0 = no expiry (Redis only)
     sqlite_max_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=0)  # 0 = unbounded
@@ -64,6 +66,26 @@ class LimitsSettings(BaseModel):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_inputs: int = Field(2048, ge=1)
     max_input_chars: int = Field(1_000_000, ge=1)
+    # Characters in all the inputs of one request together (a batch line is one request).
+    max_request_chars: int = Field(4_000_000, ge=1)
+
+
+class HttpSettings(BaseModel):
+    """What one connection may cost the server before the application sees a request."""
+
+    # A request's line and headers must arrive whole within this long of the connection
+    # opening (or of the previous answer on it); else 408 and the connection is closed.
+    head_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    # An idle keep-alive connection is closed after this long.
+    keep_alive_timeout_seconds: int = Field(5, ge=1, le=300)
+    # The request line and headers together, and the number of headers (431 past it).
+    max_header_bytes: int = Field(64 * 1024, ge=4096, le=1024 * 1024)
+    max_headers: int = Field(100, ge=16, le=1000)
+    # Open connections of this process; past it a new one gets 503 and is closed at once.
+    # 0 = three quarters of the open-file limit (ulimit -n).
+    max_connections: int = Field(0, ge=0)
+    # Open connections from one client address (trusted proxies exempt); 0 = no cap.
+    max_connections_per_client: int = Field(64, ge=0)
 
 
 class SecuritySettings(BaseModel):
@@ -74,6 +96,13 @@ class SecuritySettings(BaseModel):
     # Addresses or networks (comma-separated, e.g. ``10.0.0.0/8,127.0.0.1``) of the proxies
     # whose X-Forwarded-For names the client; from anyone else the header is ignored.
     trusted_proxies: str = ""
+    # Host names (comma-separated; a leading dot allows subdomains, * allows any) a request's
+    # Host header may name, so a web page cannot reach the server through DNS rebinding.
+    # Empty = the localhost names when bound to a loopback address, else any.
+    allowed_hosts: str = ""
+    # Key names (comma-separated) that see the whole /stats (model paths, every tenant's
+    # traffic); other keys see the models and the version only.
+    admin_keys: str = ""
     # The limiter's storage (Redis) is down: False lets requests through unlimited, True
     # refuses them with 503.
     fail_closed: bool = False
@@ -193,6 +222,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
 

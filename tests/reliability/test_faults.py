@@ -123,7 +123,7 @@ async def test_a_model_raising_fails_its_batch_with_a_generic_error_only(tmp_pat
     app, runtime = fake_app(Settings(data_dir=tmp_path / "data"), embedder)
     transport = httpx.ASGITransport(app=app)
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             failed = await client.post(
                 "/v1/embeddings", json={"model": "fake", "input": ["fine", "poison pill"]}
             )

@@ -330,7 +330,11 @@ def test_no_input_text_or_key_reaches_the_log(
         client.post("/embed/batch", json={"texts": [SECRET_TEXT, "other"]}),
         client.post("/v1/embeddings", json={"model": SECRET_TEXT, "input": SECRET_TEXT}),
         client.post("/v1/embeddings", json={"model": MODEL, "input": [SECRET_TEXT, 5]}),
-        client.post("/v1/embeddings", content=b'{"input": "' + SECRET_TEXT.encode() + b'", '),
+        client.post(
+            "/v1/embeddings",
+            content=b'{"input": "' + SECRET_TEXT.encode() + b'", ',
+            headers={"content-type": "application/json"},
+        ),
         httpx.post(
             f"{keyed_server.url}/v1/embeddings",
             json={"input": SECRET_TEXT},

@@ -21,6 +21,9 @@ from embedpipe.settings import SecuritySettings, Settings
 
 KEY = "ep-test-key-0123456789"
 OTHER = "ep-other-key-9876543210"
+# The Host the application answers to when bound to loopback (TestClient's is "testserver").
+LOCAL = "http://localhost"
+JSON = {"content-type": "application/json"}
 
 
 def test_hash_key_is_a_labelled_sha256() -> None:
@@ -154,7 +157,7 @@ def _app(tmp_path: Path, **overrides: Any) -> FastAPI:
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with_client = TestClient(_app(tmp_path), raise_server_exceptions=False)
+    with_client = TestClient(_app(tmp_path), raise_server_exceptions=False, base_url=LOCAL)
     yield with_client
     with_client.close()
 
@@ -183,7 +186,7 @@ def route_table(app: FastAPI) -> list[tuple[str, str]]:
 
 def test_no_route_answers_without_a_key_except_the_open_ones(tmp_path: Path) -> None:
     app = _app(tmp_path)
-    client = TestClient(app, raise_server_exceptions=False)
+    client = TestClient(app, raise_server_exceptions=False, base_url=LOCAL)
     table = route_table(app)
     # The walk sees everything the API documents, and the API surfaces are all there.
     documented = {(m.upper(), p) for p, ops in app.openapi()["paths"].items() for m in ops}
@@ -271,12 +274,13 @@ def test_401_in_openais_envelope(
 
 
 def test_open_paths_stay_open_and_metrics_can_be_protected(tmp_path: Path) -> None:
-    client = TestClient(_app(tmp_path), raise_server_exceptions=False)
+    client = TestClient(_app(tmp_path), raise_server_exceptions=False, base_url=LOCAL)
     assert client.get("/metrics").status_code == 200
     assert client.get("/health").status_code == 200
     protected = TestClient(
         _app(tmp_path, security=SecuritySettings(protect_metrics=True)),
         raise_server_exceptions=False,
+        base_url=LOCAL,
     )
     assert protected.get("/metrics").status_code == 401
     assert protected.get("/health").status_code == 200
@@ -285,12 +289,14 @@ def test_open_paths_stay_open_and_metrics_can_be_protected(tmp_path: Path) -> No
 
 def test_an_unauthenticated_body_is_never_read(client: TestClient) -> None:
     # 401, not 413: the key is checked before the body limit reads anything.
-    reply = client.post("/v1/embeddings", content=b"x" * (17 * 1024 * 1024))
+    reply = client.post("/v1/embeddings", content=b"x" * (17 * 1024 * 1024), headers=JSON)
     assert reply.status_code == 401
 
 
 def test_without_keys_everything_is_open(tmp_path: Path) -> None:
-    client = TestClient(create_app(Settings(data_dir=tmp_path)), raise_server_exceptions=False)
+    client = TestClient(
+        create_app(Settings(data_dir=tmp_path)), raise_server_exceptions=False, base_url=LOCAL
+    )
     assert client.get("/v1/nothing-here").status_code == 404
 
 

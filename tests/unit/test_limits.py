@@ -24,7 +24,7 @@ async def client(
     assert (settings.limits.max_body_bytes, settings.limits.max_inputs) == (2048, 3)
     app, runtime = fake_app(settings)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
     await runtime.close()
 
@@ -45,7 +45,9 @@ async def test_body_size(client: httpx.AsyncClient) -> None:
         for _ in range(10):
             yield b" " * 512
 
-    streamed = await client.post("/embed", content=chunks())
+    streamed = await client.post(
+        "/embed", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert "2048 bytes" in _error(streamed, 413, None)
 
 

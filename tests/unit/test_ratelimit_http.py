@@ -28,7 +28,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
     async def start(peer: str = "192.0.2.1", **overrides: Any) -> httpx.AsyncClient:
         app, runtime = fake_app(Settings(data_dir=tmp_path / "data", **overrides))
         transport = httpx.ASGITransport(app=app, client=(peer, 40000))
-        client = httpx.AsyncClient(transport=transport, base_url="http://test")
+        client = httpx.AsyncClient(transport=transport, base_url="http://localhost")
         opened.append((runtime, client))
         return client
 

@@ -28,7 +28,7 @@ async def _cached(per_tenant: bool, tmp_path: Path) -> list[bool]:
     answers = []
     try:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             for key in (KEY_A, KEY_B, KEY_A, KEY_B):
                 reply = await client.post(
                     "/embed",

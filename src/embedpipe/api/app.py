@@ -13,11 +13,7 @@ from embedpipe.api import files_batches, openai, ops, simple
 from embedpipe.api.deps import ClientGone
 from embedpipe.api.draining import DrainingMiddleware, draining_of, on_shutdown_signal
 from embedpipe.api.errors import install_error_handlers
-from embedpipe.api.middleware import (
-    BodyLimitMiddleware,
-    JsonByDefaultMiddleware,
-    RequestIdMiddleware,
-)
+from embedpipe.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from embedpipe.api.observability import (
     ObservabilityMiddleware,
     TrafficWindow,
@@ -25,6 +21,7 @@ from embedpipe.api.observability import (
     on_startup,
 )
 from embedpipe.api.openapi import install_openapi
+from embedpipe.api.request_guard import HostRule, RequestGuardMiddleware, allowed_hosts
 from embedpipe.api.security import install_security
 from embedpipe.jobs.wiring import open_job_service
 from embedpipe.runtime import Runtime
@@ -75,7 +72,12 @@ def create_app(settings: Settings) -> FastAPI:
     # API keys, outside the body limit: an unauthenticated body is never read.
     keys = install_security(app, settings)
     install_openapi(app, auth=keys.enabled)
-    app.add_middleware(JsonByDefaultMiddleware)
+    # Before the key check: a rebound Host or a cross-site form is refused, key or not.
+    app.add_middleware(
+        RequestGuardMiddleware,
+        max_headers=settings.http.max_headers,
+        hosts=HostRule(allowed_hosts(settings.security.allowed_hosts, settings.host)),
+    )
     app.add_middleware(DrainingMiddleware, is_draining=draining_of)
     app.add_middleware(ObservabilityMiddleware, traffic=traffic)
     app.add_middleware(RequestIdMiddleware)

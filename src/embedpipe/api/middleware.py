@@ -88,27 +88,3 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-class JsonByDefaultMiddleware:
-    """Treat a POST body without a JSON content type as JSON.
-
-    ``curl -d '{...}'`` sends ``application/x-www-form-urlencoded``; every POST route here
-    except file uploads takes JSON, so reading it as JSON beats a confusing 400.
-    """
-
-    _LENIENT = (b"", b"application/x-www-form-urlencoded", b"text/plain")
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            given = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
-            if given.split(b";")[0].strip().lower() in self._LENIENT:
-                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                headers.append((b"content-type", b"application/json"))
-                # In place, not a copy: the router marks the matched route on this very
-                # scope, and the metrics middleware outside reads it from there.
-                scope["headers"] = headers
-        await self.app(scope, receive, send)
