@@ -55,6 +55,9 @@ class FakeEmbedder:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [min(len(text.split()) + 2, self._info.max_tokens) for text in texts]
 
+    def clip(self, texts: Sequence[str]) -> list[str]:
+        return list(texts)  # a fake's vector depends on every character
+
     def embed(self, texts: Sequence[str]) -> Vectors:
         if self.gate is not None:
             self.gate.wait(timeout=10)

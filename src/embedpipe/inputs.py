@@ -8,6 +8,7 @@ are decoded back to the exact text with the offline table of the ``bpe-openai`` 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
@@ -57,15 +58,21 @@ def _is_token_list(value: list[Any]) -> bool:
 
 
 def normalize_input(value: Any, limits: LimitsSettings, decoder: TokenDecoder) -> list[str]:
-    """The texts to embed, in order; InvalidInput (param ``input``) for anything malformed."""
+    """The texts to embed, in order; InvalidInput (param ``input``) for anything malformed.
+
+    Counts and sizes are checked before any token list is decoded, so a request over a limit
+    costs no decoding."""
     if isinstance(value, str):
+        check_sizes([value], limits, param="input")
         texts = [value]
     elif isinstance(value, list):
         if not value:
             raise InvalidInput("'input' must not be an empty list.", param="input")
         if _is_token_list(value):
+            check_sizes([value], limits, param="input")
             texts = [decoder.decode(value, None)]
         else:
+            check_sizes(value, limits, param="input")
             texts = [_one_text(item, index, decoder) for index, item in enumerate(value)]
     else:
         raise InvalidInput(
@@ -73,14 +80,38 @@ def normalize_input(value: Any, limits: LimitsSettings, decoder: TokenDecoder) -
             "token-id lists.",
             param="input",
         )
-    if len(texts) > limits.max_inputs:
-        raise InvalidInput(
-            f"'input' holds {len(texts)} items; at most {limits.max_inputs} are allowed.",
-            param="input",
-        )
     for index, text in enumerate(texts):
         check_text(text, index if len(texts) > 1 else None, limits, param="input")
     return texts
+
+
+def check_sizes(items: Sequence[Any], limits: LimitsSettings, *, param: str) -> None:
+    """The request's shape within the limits, before anything is decoded or tokenized: the
+    number of inputs, each input's length (characters, or ids of a token list: each id is at
+    least one character) and the request's total."""
+    if len(items) > limits.max_inputs:
+        raise InvalidInput(
+            f"'{param}' holds {len(items)} items; at most {limits.max_inputs} are allowed.",
+            param=param,
+        )
+    total = 0
+    for index, item in enumerate(items):
+        size = len(item) if isinstance(item, str | list) else 0
+        if size > limits.max_input_chars:
+            where = param if len(items) == 1 else f"{param}[{index}]"
+            raise InvalidInput(
+                f"'{where}' has {size} {'characters' if isinstance(item, str) else 'token ids'}; "
+                f"at most {limits.max_input_chars} are allowed (longer texts are cut at the "
+                "model's window, but must fit this bound).",
+                param=param,
+            )
+        total += size
+    if total > limits.max_request_chars:
+        raise InvalidInput(
+            f"'{param}' holds {total} characters in all; at most {limits.max_request_chars} "
+            "are allowed in one request.",
+            param=param,
+        )
 
 
 def _one_text(item: Any, index: int, decoder: TokenDecoder) -> str:

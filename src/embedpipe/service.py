@@ -26,6 +26,9 @@ Source = Literal["l1", "l2", "computed"]
 
 # Tokenizing more than this many characters goes to a thread, off the event loop.
 _INLINE_TOKENIZE_CHARS = 4096
+# Texts are tokenized in groups of about this many characters: the tokenizer holds ~80 bytes
+# per character while it works, so a request's peak stays near 20 MB whatever its size.
+_TOKENIZE_GROUP_CHARS = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,15 @@ class EmbeddingService:
 
     def resolve_model(self, name: str) -> str:
         return self._models.resolve(name)
+
+    async def clip(self, model: str, texts: Sequence[str]) -> list[str]:
+        """The texts cut where the model's window ends (same tokens, same vectors): call it
+        before :meth:`count_tokens` and :meth:`embed`, so that no step downstream costs more
+        for a text longer than the window. Long texts are cut on a thread."""
+        embedder = self._models.get(self._models.resolve(model))
+        if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
+            return embedder.clip(texts)
+        return await asyncio.to_thread(embedder.clip, texts)
 
     async def count_tokens(self, model: str, texts: Sequence[str]) -> list[int]:
         """Tokens per text as the model sees them (truncated at its window, specials included):
@@ -129,6 +141,7 @@ class EmbeddingService:
         sized = _sized(embedder.info, dimensions)
         logs.annotate(model=name, inputs=len(texts))  # the request's access log line
         if tokens is None:
+            texts = await self.clip(name, texts)
             tokens = await self._count_tokens(embedder, texts)
         elif len(tokens) != len(texts):
             raise ValueError("one token count per text is needed")
@@ -225,7 +238,7 @@ class EmbeddingService:
     async def _count_tokens(self, embedder: ServedModel, texts: Sequence[str]) -> list[int]:
         if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
             return embedder.count_tokens(texts)
-        return await asyncio.to_thread(embedder.count_tokens, texts)
+        return await asyncio.to_thread(_count_in_groups, embedder, texts)
 
     async def _compute(
         self,
@@ -283,3 +296,14 @@ class EmbeddingService:
 def _sized(info: ModelInfo, dimensions: int | None) -> int | None:
     """The size an upstream model must compute; None for a local model (cut after the cache)."""
     return dimensions if info.upstream else None
+
+
+def _count_in_groups(embedder: ServedModel, texts: Sequence[str]) -> list[int]:
+    counts: list[int] = []
+    start = size = 0
+    for end, text in enumerate(texts):
+        if size and size + len(text) > _TOKENIZE_GROUP_CHARS:
+            counts += embedder.count_tokens(texts[start:end])
+            start, size = end, 0
+        size += len(text)
+    return counts + embedder.count_tokens(texts[start:])

@@ -375,6 +375,9 @@ class Retrained:
     def count_tokens(self, texts: Any) -> list[int]:
         return self._fake.count_tokens(texts)
 
+    def clip(self, texts: Any) -> list[str]:
+        return self._fake.clip(texts)
+
     def embed(self, texts: Any) -> Vectors:
         negated: Vectors = -self._fake.embed(texts)
         return negated

@@ -75,7 +75,8 @@ async def test_the_simple_api_is_charged_its_tokens(serve: Serve) -> None:
     assert "x-ratelimit-limit-requests" not in batch.headers  # no RPM set
     refused = await client.post("/embed/batch", json={"texts": ["a b c d e f g"]})
     assert refused.status_code == 429
-    assert refused.headers["x-ratelimit-remaining-tokens"] == "8"
+    # Its request paid one token up front, before its texts were tokenized; no more.
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "7"
 
 
 async def test_a_request_that_can_never_fit_is_a_400(serve: Serve) -> None:
@@ -91,17 +92,21 @@ async def test_a_request_that_can_never_fit_is_a_400(serve: Serve) -> None:
         assert (error["param"], error["code"]) == (param, "tokens_exceed_rate_limit")
         assert "11 tokens" in error["message"] or "12 tokens" in error["message"]
         assert "never" in error["message"]
-    # None of that was charged.
+    # Each paid its request slot (and one token) before it was tokenized: tokenizing costs
+    # CPU, so a client cannot make the server tokenize for free.
     ok = await client.post("/embed", json={"text": "a"})
-    assert ok.headers["x-ratelimit-remaining-requests"] == "4"
+    assert ok.headers["x-ratelimit-remaining-requests"] == "1"
 
 
-async def test_invalid_requests_are_not_charged(serve: Serve) -> None:
+async def test_every_request_pays_its_slot_before_its_body_is_read(serve: Serve) -> None:
     client = await serve(rate_limit_rpm=2)
-    for _ in range(3):
-        assert (await client.post("/v1/embeddings", json=_embedding(""))).status_code == 400
-        assert (await client.post("/embed", json={"text": "x", "model": "no"})).status_code == 404
-    assert (await client.post("/embed", json={"text": "x"})).status_code == 200
+    assert (await client.post("/v1/embeddings", json=_embedding(""))).status_code == 400
+    assert (await client.post("/embed", json={"text": "x", "model": "no"})).status_code == 404
+    # Over budget: refused before its body is parsed (this one is not even JSON).
+    refused = await client.post(
+        "/embed", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert refused.status_code == 429, refused.text
 
 
 async def test_forwarded_for_from_a_trusted_proxy_separates_clients(serve: Serve) -> None:

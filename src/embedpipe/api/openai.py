@@ -12,10 +12,11 @@ from embedpipe.api.deps import (
     get_runtime,
     json_body,
     json_response,
+    off_loop_if_big,
     unless_disconnected,
 )
 from embedpipe.api.schemas import EmbeddingRequest, EmbeddingResponse, ErrorBody, ModelList
-from embedpipe.api.security import admit
+from embedpipe.api.security import admit_request, charge_tokens
 from embedpipe.openai_embeddings import prepare, respond
 from embedpipe.runtime import Runtime
 
@@ -36,18 +37,24 @@ async def create_embeddings(
     request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> Response:
     """Embed one text or many, as OpenAI's embeddings API does."""
+    # The request's slot first: a client over its budget costs no parsing or tokenizing.
+    admission = await admit_request(request, runtime)
     body = await json_body(request, EmbeddingRequest)
     service = runtime.service
-    prepared = prepare(service, runtime.token_decoder, runtime.settings.limits, body)
-    # Counted once: the token budget is charged what `usage` reports, before any work.
-    tokens = await service.count_tokens(prepared.model, prepared.texts)
-    limit_headers = await admit(request, runtime, sum(tokens), param="input")
+    prepared = await off_loop_if_big(
+        request, prepare, service, runtime.token_decoder, runtime.settings.limits, body
+    )
+    # Cut at the window before anything tokenizes a whole long text.
+    texts = await service.clip(prepared.model, prepared.texts)
+    # Counted once: the token budget is charged what `usage` reports, before any model work.
+    tokens = await service.count_tokens(prepared.model, texts)
+    limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="input")
     # From L1 without a task; only work that may wait is watched for a client going away.
     size = prepared.dimensions
-    result = service.embed_from_memory(prepared.model, prepared.texts, tokens, dimensions=size)
+    result = service.embed_from_memory(prepared.model, texts, tokens, dimensions=size)
     if result is None:
         result = await unless_disconnected(
-            request, service.embed(prepared.model, prepared.texts, tokens, dimensions=size)
+            request, service.embed(prepared.model, texts, tokens, dimensions=size)
         )
     return json_response(respond(prepared, result), headers=limit_headers)
 

@@ -5,10 +5,12 @@ configured every path needs one except an explicit open list (``/health``, ``/re
 docs and, unless ``security.protect_metrics``, ``/metrics``). A route added later is protected
 without anyone having to remember it, and an unknown path answers 401, not a map of the routes.
 
-The routes that cost work charge the client's budgets with :func:`admit` once they know the
-request's tokens; it answers 429 (``Retry-After``, OpenAI's ``x-ratelimit-*`` headers), 400 for
-a request that can never fit the token budget, or 503 when the limiter's storage is down and it
-is configured to fail closed. Successful answers carry the same ``x-ratelimit-*`` headers.
+The routes that cost work charge the client's budgets in two steps: :func:`admit_request`
+(one request, one token) before the body is read, then :func:`charge_tokens` once the tokens
+are counted. Either answers 429 (``Retry-After``, OpenAI's ``x-ratelimit-*`` headers); the
+second, 400 for a request that can never fit the token budget; both, 503 when the limiter's
+storage is down and it is configured to fail closed. Successful answers carry the same
+``x-ratelimit-*`` headers.
 """
 
 from __future__ import annotations
@@ -215,23 +217,20 @@ def rate_limit_headers(decision: Decision) -> dict[str, str]:
     return headers
 
 
-async def admit(request: Request, runtime: Runtime, tokens: int, *, param: str) -> dict[str, str]:
-    """Charge this request (1 request, ``tokens`` tokens) to its client's budgets, or refuse
-    it. Returns the ``x-ratelimit-*`` headers for the answer. ``param``: the field holding the
-    texts, named in a 400."""
-    client: Client = getattr(request.state, "client", None) or Client(
-        f"ip:{request.client.host if request.client else 'unknown'}"
-    )
-    quota = quota_for(client, runtime.settings)
-    if 0 < quota.tokens < tokens:
-        raise InvalidInput(
-            f"This request holds {tokens} tokens, more than the {quota.tokens} tokens per minute "
-            "this client may send: it can never be served. Send fewer or shorter texts.",
-            param=param,
-            code="tokens_exceed_rate_limit",
-        )
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request charged its request slot (and one token) by :func:`admit_request`; its
+    tokens follow with :func:`charge_tokens` once counted."""
+
+    client: Client
+    quota: Quota
+    headers: dict[str, str]
+    prepaid_tokens: int
+
+
+async def _acquire(runtime: Runtime, client: Client, quota: Quota, tokens: int) -> Decision:
     try:
-        decision = await runtime.limiter.acquire(client.id, quota, tokens)
+        return await runtime.limiter.acquire(client.id, quota, tokens)
     except LimiterUnavailable as exc:
         retry = max(1, math.ceil(runtime.limiter.retry_seconds))
         raise Refused(
@@ -241,24 +240,64 @@ async def admit(request: Request, runtime: Runtime, tokens: int, *, param: str) 
             "rate_limiter_unavailable",
             {"Retry-After": str(retry)},
         ) from exc
-    headers = rate_limit_headers(decision)
+
+
+def _too_many(client: Client, decision: Decision, requested: dict[str, int]) -> Refused:
+    detail = "; ".join(
+        f"{w.kind} per minute: limit {w.limit}, remaining {w.remaining}, requested "
+        f"{requested[w.kind]}"
+        for w in decision.windows
+        if w.exceeded
+    )
+    name = client.key.name if client.key is not None else client.id.removeprefix("ip:")
+    return Refused(
+        429,
+        f"Rate limit reached for {name}: {detail}. Please try again in "
+        f"{_duration(decision.retry_after)}.",
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        rate_limit_headers(decision),
+    )
+
+
+async def admit_request(request: Request, runtime: Runtime) -> Admission:
+    """Charge one request (and one token, the least any request costs) to the client's
+    budgets before its body is read, parsed or tokenized: a client over its budget is refused
+    for the price of one counter, and every request that costs work has paid its slot."""
+    client: Client = getattr(request.state, "client", None) or Client(
+        f"ip:{request.client.host if request.client else 'unknown'}"
+    )
+    quota = quota_for(client, runtime.settings)
+    prepaid = 1 if quota.tokens else 0
+    decision = await _acquire(runtime, client, quota, prepaid)
     if not decision.allowed:
-        spent = [w for w in decision.windows if w.exceeded]
-        detail = "; ".join(
-            f"{w.kind} per minute: limit {w.limit}, remaining {w.remaining}, requested "
-            f"{1 if w.kind == 'requests' else tokens}"
-            for w in spent
+        raise _too_many(client, decision, {"requests": 1, "tokens": prepaid})
+    return Admission(client, quota, rate_limit_headers(decision), prepaid)
+
+
+async def charge_tokens(
+    admission: Admission, runtime: Runtime, tokens: int, *, param: str
+) -> dict[str, str]:
+    """Charge the rest of this request's ``tokens``, or refuse it (its request slot stays
+    spent). Returns the ``x-ratelimit-*`` headers for the answer. ``param``: the field
+    holding the texts, named in a 400."""
+    budget = admission.quota.tokens
+    if 0 < budget < tokens:
+        raise InvalidInput(
+            f"This request holds {tokens} tokens, more than the {budget} tokens per minute "
+            "this client may send: it can never be served. Send fewer or shorter texts.",
+            param=param,
+            code="tokens_exceed_rate_limit",
         )
-        name = client.key.name if client.key is not None else client.id.removeprefix("ip:")
-        raise Refused(
-            429,
-            f"Rate limit reached for {name}: {detail}. Please try again in "
-            f"{_duration(decision.retry_after)}.",
-            "rate_limit_error",
-            "rate_limit_exceeded",
-            headers,
-        )
-    return headers
+    rest = tokens - admission.prepaid_tokens
+    if not budget or rest <= 0:
+        return admission.headers
+    decision = await _acquire(runtime, admission.client, Quota(requests=0, tokens=budget), rest)
+    if not decision.allowed:
+        refused = _too_many(admission.client, decision, {"tokens": tokens})
+        refused.headers = {**admission.headers, **refused.headers}
+        raise refused
+    return {**admission.headers, **rate_limit_headers(decision)}
 
 
 def install_security(app: FastAPI, settings: Settings) -> KeyStore:

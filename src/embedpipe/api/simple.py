@@ -21,9 +21,9 @@ from embedpipe.api.schemas import (
     EmbedResponse,
     ErrorBody,
 )
-from embedpipe.api.security import admit
+from embedpipe.api.security import admit_request, charge_tokens
 from embedpipe.errors import InvalidInput
-from embedpipe.inputs import check_text
+from embedpipe.inputs import check_sizes, check_text
 from embedpipe.runtime import Runtime
 
 router = APIRouter(tags=["Simple"])
@@ -43,17 +43,17 @@ async def embed_one(
     request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> Response:
     """One text in, one vector out; ``cached`` says whether the model was spared."""
+    admission = await admit_request(request, runtime)
     body = await json_body(request, EmbedRequest)
     check_text(body.text, None, runtime.settings.limits, param="text")
     model = body.model or runtime.default_model
-    tokens = await runtime.service.count_tokens(model, [body.text])
-    limit_headers = await admit(request, runtime, sum(tokens), param="text")
+    texts = await runtime.service.clip(model, [body.text])
+    tokens = await runtime.service.count_tokens(model, texts)
+    limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="text")
     # From L1 without a task; only work that may wait is watched for a client going away.
-    result = runtime.service.embed_from_memory(model, [body.text], tokens)
+    result = runtime.service.embed_from_memory(model, texts, tokens)
     if result is None:
-        result = await unless_disconnected(
-            request, runtime.service.embed(model, [body.text], tokens)
-        )
+        result = await unless_disconnected(request, runtime.service.embed(model, texts, tokens))
     return json_response(
         {
             "embedding": result.vectors[0],
@@ -74,25 +74,21 @@ async def embed_batch(
     request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> Response:
     """Many texts in, vectors out in the same order."""
+    admission = await admit_request(request, runtime)
     body = await json_body(request, EmbedBatchRequest)
     limits = runtime.settings.limits
     if not body.texts:
         raise InvalidInput("'texts' must not be an empty list.", param="texts")
-    if len(body.texts) > limits.max_inputs:
-        raise InvalidInput(
-            f"'texts' holds {len(body.texts)} items; at most {limits.max_inputs} are allowed.",
-            param="texts",
-        )
+    check_sizes(body.texts, limits, param="texts")
     for index, text in enumerate(body.texts):
         check_text(text, index, limits, param="texts")
     model = body.model or runtime.default_model
-    tokens = await runtime.service.count_tokens(model, body.texts)
-    limit_headers = await admit(request, runtime, sum(tokens), param="texts")
-    result = runtime.service.embed_from_memory(model, body.texts, tokens)
+    texts = await runtime.service.clip(model, body.texts)
+    tokens = await runtime.service.count_tokens(model, texts)
+    limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="texts")
+    result = runtime.service.embed_from_memory(model, texts, tokens)
     if result is None:
-        result = await unless_disconnected(
-            request, runtime.service.embed(model, body.texts, tokens)
-        )
+        result = await unless_disconnected(request, runtime.service.embed(model, texts, tokens))
     return json_response(
         {
             "embeddings": result.vectors,

@@ -57,6 +57,11 @@ class ServedModel(Protocol):
         """Tokens the model will really see for each text, after truncation at its window."""
         ...
 
+    def clip(self, texts: Sequence[str]) -> list[str]:
+        """The texts cut where the model's window ends, without tokenizing all of a long one:
+        each gives the same tokens (and vector) as before (see ``embedders/window.py``)."""
+        ...
+
 
 class Embedder(ServedModel, Protocol):
     """A local model: computes vectors itself, on the model's own thread."""

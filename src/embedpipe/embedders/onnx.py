@@ -19,6 +19,7 @@ from embedpipe.embedders.onnx_export import (
     read_metadata,
 )
 from embedpipe.embedders.sentence_transformers import checked_weights, token_counter
+from embedpipe.embedders.window import WindowClipper
 
 log = logging.getLogger("embedpipe.model")
 
@@ -65,6 +66,7 @@ class OnnxEmbedder:
             weights_sha256=weights_sha256,
         )
         self._counter = token_counter(self._tokenizer, self._info.max_tokens)
+        self._clipper = WindowClipper(self._tokenizer.backend_tokenizer, self._info.max_tokens)
         # Never torch's fingerprint: fp32 vectors differ from torch's by ~3e-7 and int8 by
         # up to a few percent, so each backend and variant caches under its own key.
         identity = {
@@ -100,6 +102,9 @@ class OnnxEmbedder:
         # Not self._tokenizer: a count must not race embed()'s padding settings (see
         # token_counter).
         return [len(encoding.ids) for encoding in self._counter.encode_batch(list(texts))]
+
+    def clip(self, texts: Sequence[str]) -> list[str]:
+        return [self._clipper.clip(text) for text in texts]
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         if not texts:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
+from embedpipe.embedders.window import WindowClipper
 from embedpipe.errors import EmbedpipeError
 
 log = logging.getLogger("embedpipe.model")
@@ -95,6 +96,7 @@ class SentenceTransformerEmbedder:
         if not max_tokens or not dimensions:
             raise ModelLoadError(f"{model_dir} declares no window or no embedding dimension")
         self._counter = token_counter(self._model.tokenizer, max_tokens)
+        self._clipper = WindowClipper(self._model.tokenizer.backend_tokenizer, max_tokens)
         self._info = ModelInfo(
             name=name,
             backend="sentence-transformers",
@@ -133,6 +135,9 @@ class SentenceTransformerEmbedder:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         encoded = self._counter.encode_batch([self._prompt + text for text in texts])
         return [len(encoding.ids) for encoding in encoded]
+
+    def clip(self, texts: Sequence[str]) -> list[str]:
+        return [self._clipper.clip(text) for text in texts]
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         vectors = self._model.encode(

@@ -38,6 +38,10 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
+# The longest cl100k_base token, in bytes (measured over its whole table).
+_CL100K_LONGEST_TOKEN_BYTES = 128
+
+
 class Cl100kCounter:
     """cl100k_base token counts; the table loads on first use."""
 
@@ -108,6 +112,22 @@ class UpstreamModel:
                     code="context_length_exceeded",
                 )
         return counts
+
+    def clip(self, texts: Sequence[str]) -> list[str]:
+        """The texts as they are (the upstream refuses what is over its window, it never cuts),
+        after refusing any so long it must be over the window, before it is tokenized: a
+        cl100k token is at most 128 bytes, so a text has at least len/128 tokens."""
+        limit = self._info.max_tokens
+        for index, text in enumerate(texts):
+            if len(text) > limit * _CL100K_LONGEST_TOKEN_BYTES:
+                where = "input" if len(texts) == 1 else f"input[{index}]"
+                raise InvalidInput(
+                    f"'{where}' has {len(text)} characters, more than {limit} tokens; model "
+                    f"'{self._info.name}' accepts at most {limit} per input.",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+        return list(texts)
 
     def accept_dimensions(self, width: int) -> bool:
         """Whether full-size vectors ``width`` wide fit this model: the first answer of a
