@@ -11,6 +11,7 @@ from starlette.responses import Response
 from embedpipe import __version__
 from embedpipe.api import files_batches, openai, ops, simple
 from embedpipe.api.deps import ClientGone
+from embedpipe.api.docs import install_docs
 from embedpipe.api.draining import DrainingMiddleware, draining_of, on_shutdown_signal
 from embedpipe.api.errors import install_error_handlers
 from embedpipe.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -55,7 +56,11 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         summary="Text embeddings as a service: OpenAI-compatible, batched, cached.",
         lifespan=lifespan,
+        # Served by install_docs from this process, not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app, app.title)
     app.state.traffic = traffic
     app.include_router(openai.router)
     app.include_router(simple.router)

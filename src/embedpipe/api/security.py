@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedpipe import logs
+from embedpipe.api.docs import DOCS_PATHS
 from embedpipe.api.errors import error_response
 from embedpipe.auth import ApiKey, KeyStore
 from embedpipe.errors import InvalidInput
@@ -36,9 +37,7 @@ from embedpipe.tenancy import set_tenant
 
 log = logging.getLogger("embedpipe.security")
 
-OPEN_PATHS = frozenset(
-    {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-)
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"}) | DOCS_PATHS
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _MISSING = (
     "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY' or "
