@@ -54,6 +54,15 @@ class ApiKey:
     tpm: int | None = None
 
 
+NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ @ : -"
+
+
+def valid_name(name: object) -> bool:
+    """A key name: what keys files accept, and all ``keys generate`` writes (never a quote or
+    a line break that could add TOML of its own)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
 def hash_key(key: str) -> str:
     """The digest to store in a keys file: ``sha256:<hex>``."""
     return _SCHEME + hashlib.sha256(key.encode()).hexdigest()
@@ -158,8 +167,8 @@ def _entry(entry: Any, index: int, path: Path) -> ApiKey:
     if unknown:
         raise KeysFileError(f"{where} has unknown fields: {', '.join(sorted(unknown))}")
     name = entry.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise KeysFileError(f"{where}: 'name' must be 1-64 characters of A-Z a-z 0-9 . _ @ : -")
+    if not isinstance(name, str) or not valid_name(name):
+        raise KeysFileError(f"{where}: 'name' must be {NAME_RULE}")
     digest = entry.get("hash")
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest.lower()):
         raise KeysFileError(

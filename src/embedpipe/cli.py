@@ -438,8 +438,13 @@ def keys_generate(
     its keys-file entry to stdout: ``embedpipe keys generate --name team >> keys.toml``."""
     import sys
 
-    from embedpipe.auth import generate_key, hash_key
+    from embedpipe.auth import NAME_RULE, generate_key, hash_key, valid_name
 
+    if not valid_name(name):
+        raise typer.BadParameter(f"a key name is {NAME_RULE}", param_hint="--name")
+    for given in (rpm, tpm):
+        if given is not None and given < 0:
+            raise typer.BadParameter("limits are whole numbers, 0 or more (0 = unlimited)")
     key = generate_key()
     print(f"API key for {name!r} (shown once): {key}", file=sys.stderr)
     entry = f'[[keys]]\nname = "{name}"\nhash = "{hash_key(key)}"\n'

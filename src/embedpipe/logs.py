@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,12 +90,24 @@ class JsonFormatter(logging.Formatter):
             return json.dumps(line, default=str, separators=(",", ":"))
 
 
+# Line breaks, other control characters and Unicode's line separators: in a text log they
+# would let a client's path or header forge a line of its own.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(text: str) -> str:
+    """``text`` with every control character as a visible escape (``\\n``, ``\\x1b``)."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 class TextFormatter(logging.Formatter):
-    """``ts level logger: msg key=value ...`` for a human at a terminal."""
+    """``ts level logger: msg key=value ...`` for a human at a terminal; one record is always
+    one line (a traceback aside), whatever the request carried."""
 
     def format(self, record: logging.LogRecord) -> str:
-        pairs = " ".join(f"{key}={value}" for key, value in _fields_of(record).items())
-        text = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        pairs = " ".join(_escaped(f"{key}={value}") for key, value in _fields_of(record).items())
+        message = _escaped(record.getMessage())
+        text = f"{_timestamp(record)} {record.levelname} {record.name}: {message}"
         text = f"{text} {pairs}" if pairs else text
         if record.exc_info:
             text = f"{text}\n{self.formatException(record.exc_info)}"

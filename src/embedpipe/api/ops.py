@@ -44,10 +44,39 @@ async def ready(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
     return json_response(body, status_code=503 if runtime.draining else 200)
 
 
+def _sees_everything(request: Request, runtime: Runtime) -> bool:
+    """With keys on, only an admin key (``security.admin_keys``) sees paths and everyone's
+    traffic; with keys off there is no one to tell apart."""
+    client = getattr(request.state, "client", None)
+    key = getattr(client, "key", None)
+    if key is None:
+        return True
+    admins = {name.strip() for name in runtime.settings.security.admin_keys.split(",")}
+    return str(key.name) in admins
+
+
 @router.get("/stats")
 async def stats(request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
     """What this process is doing: models, cache tiers, queue depth, uptime, rate-limited
-    requests, and its traffic of the last minutes (what ``/dashboard`` draws)."""
+    requests, and its traffic of the last minutes (what ``/dashboard`` draws). With API keys,
+    a key that is not an admin key sees the version and the models only (no paths, nothing
+    about other keys' traffic)."""
+    if not _sees_everything(request, runtime):
+        return json_response(
+            {
+                "version": __version__,
+                "models": [
+                    {
+                        "name": info.name,
+                        "backend": info.backend,
+                        "dimensions": info.dimensions,
+                        "max_tokens": info.max_tokens,
+                    }
+                    for info in (embedder.info for embedder in runtime.service.models)
+                ],
+                "default_model": runtime.default_model,
+            }
+        )
     tiers = await runtime.cache.stats()
     traffic: TrafficWindow = request.app.state.traffic
     return json_response(

@@ -25,6 +25,7 @@ from typing import Self, TypeVar
 
 from embedpipe.cache.base import TierStats
 from embedpipe.metrics import CACHE_ERRORS
+from embedpipe.private_files import private_dir, private_file, sqlite_files
 
 logger = logging.getLogger("embedpipe.cache")
 
@@ -116,7 +117,13 @@ class SqliteTier:
     # --- worker thread -------------------------------------------------------------------
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        # SQLite gives its -wal and -shm files the database's mode: 0600 here, and existing
+        # ones (from before) are tightened too.
+        private_file(self.path)
+        for companion in sqlite_files(self.path)[1:]:
+            if companion.exists():
+                private_file(companion)
         conn = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
