@@ -15,9 +15,9 @@ from embedpipe.api.deps import (
     off_loop_if_big,
     unless_disconnected,
 )
-from embedpipe.api.schemas import EmbeddingRequest, EmbeddingResponse, ErrorBody, ModelList
+from embedpipe.api.schemas import EmbeddingResponse, ErrorBody, ModelList
 from embedpipe.api.security import admit_request, charge_tokens
-from embedpipe.openai_embeddings import prepare, respond
+from embedpipe.operations.openai_embeddings import EmbeddingRequest, prepare, respond
 from embedpipe.runtime import Runtime
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
