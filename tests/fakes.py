@@ -23,6 +23,7 @@ from embedpipe.ratelimit import RateLimiter
 from embedpipe.runtime import Runtime
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import BatchingSettings, Settings
+from embedpipe.tenancy import cache_per_tenant
 
 
 class FakeEmbedder:
@@ -164,7 +165,13 @@ def fake_app(settings: Settings, embedder: FakeEmbedder | None = None) -> tuple[
     cache = TieredCache(MemoryTier(1 << 20), None)
     runtime = Runtime(
         settings=settings,
-        service=EmbeddingService(registry, {"fake": batcher}, cache, settings.cache),
+        # Keys decide the cache's tenancy, as in Runtime.open.
+        service=EmbeddingService(
+            registry,
+            {"fake": batcher},
+            cache,
+            settings.cache.model_copy(update={"per_tenant": cache_per_tenant(settings)}),
+        ),
         default_model="fake",
         batchers={"fake": batcher},
         cache=cache,

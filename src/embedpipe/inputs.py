@@ -85,6 +85,12 @@ def normalize_input(value: Any, limits: LimitsSettings, decoder: TokenDecoder) -
     return texts
 
 
+def max_json_values(limits: LimitsSettings) -> int:
+    """The most JSON values a valid request body can hold: one per character or token id
+    in a string or list (a bound), one per input, and a few fields."""
+    return limits.max_request_chars + limits.max_inputs + 64
+
+
 def check_sizes(items: Sequence[Any], limits: LimitsSettings, *, param: str) -> None:
     """The request's shape within the limits, before anything is decoded or tokenized: the
     number of inputs, each input's length (characters, or ids of a token list: each id is at

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
@@ -337,3 +338,67 @@ def test_websockets_are_refused_without_a_key(client: TestClient) -> None:
     with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/v1/stream"):
         pass
     assert refused.value.code == 1008
+
+
+# --- `embedpipe keys generate` writes only what a keys file may hold ---
+
+
+@pytest.mark.parametrize(
+    "name",
+    ['ops"\nrpm = 0\ntpm = 0\n[[keys]]\nname = "x', "a b", "", "x" * 65, "tab\tname", 'q"'],
+)
+def test_keys_generate_refuses_a_name_that_could_inject_toml(name: str) -> None:
+    from typer.testing import CliRunner
+
+    from embedpipe.cli import app
+
+    result = CliRunner().invoke(app, ["keys", "generate", "--name", name, "--rpm", "5"])
+    assert result.exit_code == 2, result.output
+    assert "[[keys]]" not in result.stdout
+
+
+def test_keys_generate_writes_an_entry_the_keys_file_reads(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from embedpipe.cli import app
+
+    result = CliRunner().invoke(app, ["keys", "generate", "--name", "team-a@prod", "--rpm", "5"])
+    assert result.exit_code == 0, result.output
+    keys = tmp_path / "keys.toml"
+    keys.write_text(result.stdout)
+    (entry,) = load_keys_file(keys)
+    assert (entry.name, entry.rpm, entry.tpm) == ("team-a@prod", 5, None)
+
+
+# --- /stats: paths and every tenant's traffic for admin keys only ---
+
+
+async def test_stats_shows_paths_and_traffic_to_admin_keys_only(tmp_path: Path) -> None:
+    from tests.fakes import fake_app
+
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        f'[[keys]]\nname = "ops"\nhash = "{hash_key("k-ops")}"\n'
+        f'[[keys]]\nname = "tenant"\nhash = "{hash_key("k-tenant")}"\n'
+    )
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        api_keys_file=keys,
+        security=SecuritySettings(admin_keys="ops"),
+    )
+    app, runtime = fake_app(settings)
+    views: list[dict[str, Any]] = []
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL) as client:
+            for key in ("k-tenant", "k-ops"):
+                reply = await client.get("/stats", headers={"X-API-Key": key})
+                assert reply.status_code == 200, reply.text
+                views.append(reply.json())
+    finally:
+        await runtime.close()
+    tenant, admin = views
+    assert {"traffic", "cache", "rate_limited", "upstream", "queue_depth"} <= set(admin)
+    assert "source" in admin["models"][0]
+    assert set(tenant) == {"version", "models", "default_model"}
+    assert tenant["models"][0]["name"] == "fake" and "source" not in tenant["models"][0]

@@ -215,3 +215,32 @@ async def test_open_cache_disabled_has_no_tiers(tmp_path: Path) -> None:
     assert await cache.get_many(["a"]) == [None]
     assert cache.l2 is None and cache.l1.max_bytes == 0
     await cache.close()
+
+
+async def test_the_data_dir_and_the_cache_files_are_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tier = await SqliteTier(data / "cache.sqlite3", 1 << 20, 3600).open()
+    try:
+        await tier.set_many({"k": b"v" * 16})
+        files = [
+            data / name for name in ("cache.sqlite3", "cache.sqlite3-wal", "cache.sqlite3-shm")
+        ]
+        assert all(path.exists() for path in files)
+        assert oct(data.stat().st_mode & 0o777) == oct(0o700)
+        assert {oct(path.stat().st_mode & 0o777) for path in files} == {oct(0o600)}
+    finally:
+        await tier.close()
+
+
+async def test_an_older_installs_modes_are_tightened(tmp_path: Path) -> None:
+    data = tmp_path / "old"
+    data.mkdir()
+    data.chmod(0o755)
+    (data / "cache.sqlite3").touch()  # an empty file is an empty SQLite database
+    (data / "cache.sqlite3").chmod(0o644)
+    tier = await SqliteTier(data / "cache.sqlite3", 1 << 20, 3600).open()
+    try:
+        assert oct(data.stat().st_mode & 0o777) == oct(0o700)
+        assert oct((data / "cache.sqlite3").stat().st_mode & 0o777) == oct(0o600)
+    finally:
+        await tier.close()

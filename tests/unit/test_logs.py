@@ -6,10 +6,13 @@ import asyncio
 import io
 import logging
 import logging.config
+from pathlib import Path
 
+import httpx
 import orjson
 
 from embedpipe import logs
+from embedpipe.settings import Settings
 
 
 def _record(**extra: object) -> logging.LogRecord:
@@ -73,3 +76,38 @@ def test_the_config_sends_json_to_stdout_and_silences_uvicorn_access() -> None:
     lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["logger"] for line in lines] == ["uvicorn.error", "embedpipe.access"]
     assert lines[1]["status"] == 200
+
+
+def test_text_lines_cannot_be_forged() -> None:
+    forged = "/v1/x\n2026-01-01T00:00:00.000Z INFO embedpipe.access: admin logged in"
+    text = logs.TextFormatter().format(
+        _record(fields={"path": forged, "agent": "a\r\x1b[31mred\u2028"}, other="b\x00c")
+    )
+    assert len(text.splitlines()) == 1
+    assert "\\n2026-01-01" in text and "\\r\\x1b[31mred\\u2028" in text and "b\\x00c" in text
+    # Only control characters are escaped: the rest of the text reads as it was.
+    plain = logs.TextFormatter().format(_record(fields={"path": "/café/naïve 東京"}))
+    assert plain.endswith("path=/café/naïve 東京")
+
+
+async def test_a_request_path_cannot_forge_a_text_line(tmp_path: Path) -> None:
+    from tests.fakes import fake_app
+
+    app, runtime = fake_app(Settings(data_dir=tmp_path / "data"))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    access = logging.getLogger("embedpipe.access")
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            await client.get("/nothing%0a2026-01-01T00:00:00.000Z%20INFO%20forged:%20line")
+    finally:
+        access.setLevel(level)
+        access.removeHandler(handler)
+        await runtime.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "forged" in lines[0] and "\\n" in lines[0], lines

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
+from embedpipe.errors import InvalidInput
 from embedpipe.runtime import Runtime
 
 T = TypeVar("T")
@@ -30,7 +31,9 @@ async def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def json_body(request: Request, model: type[Body]) -> Body:
+async def json_body(
+    request: Request, model: type[Body], *, max_values: int | None = None, param: str = "input"
+) -> Body:
     """The request's JSON body as ``model``, parsed and validated in one pass by pydantic-core.
 
     The embedding routes read their bodies with this rather than a FastAPI body parameter,
@@ -39,6 +42,15 @@ async def json_body(request: Request, model: type[Body]) -> Body:
     FastAPI's own (a 400 in OpenAI's envelope); document the body with :func:`body_schema`.
     """
     raw = await request.body()
+    # Parsing holds the GIL, on a thread too (0.3 s for 2M numbers here): a body with more
+    # values than could be valid is refused first, by its commas (one per value but the
+    # first, in strings too: a bound, counted in milliseconds).
+    if max_values is not None and raw.count(b",") > max_values:
+        raise InvalidInput(
+            f"The body holds more than {max_values} values: more inputs, characters or "
+            "token ids than one request may hold.",
+            param=param,
+        )
     if len(raw) <= INLINE_BODY_BYTES:
         return _parsed(raw, model)
     return await asyncio.to_thread(_parsed, raw, model)

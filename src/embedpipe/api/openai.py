@@ -17,6 +17,7 @@ from embedpipe.api.deps import (
 )
 from embedpipe.api.schemas import EmbeddingResponse, ErrorBody, ModelList
 from embedpipe.api.security import admit_request, charge_tokens
+from embedpipe.inputs import max_json_values
 from embedpipe.operations.openai_embeddings import EmbeddingRequest, prepare, respond
 from embedpipe.runtime import Runtime
 
@@ -39,11 +40,10 @@ async def create_embeddings(
     """Embed one text or many, as OpenAI's embeddings API does."""
     # The request's slot first: a client over its budget costs no parsing or tokenizing.
     admission = await admit_request(request, runtime)
-    body = await json_body(request, EmbeddingRequest)
+    limits = runtime.settings.limits
+    body = await json_body(request, EmbeddingRequest, max_values=max_json_values(limits))
     service = runtime.service
-    prepared = await off_loop_if_big(
-        request, prepare, service, runtime.token_decoder, runtime.settings.limits, body
-    )
+    prepared = await off_loop_if_big(request, prepare, service, runtime.token_decoder, limits, body)
     # Cut at the window before anything tokenizes a whole long text.
     texts = await service.clip(prepared.model, prepared.texts)
     # Counted once: the token budget is charged what `usage` reports, before any model work.

@@ -23,7 +23,7 @@ from embedpipe.api.schemas import (
 )
 from embedpipe.api.security import admit_request, charge_tokens
 from embedpipe.errors import InvalidInput
-from embedpipe.inputs import check_sizes, check_text
+from embedpipe.inputs import check_sizes, check_text, max_json_values
 from embedpipe.runtime import Runtime
 
 router = APIRouter(tags=["Simple"])
@@ -44,8 +44,9 @@ async def embed_one(
 ) -> Response:
     """One text in, one vector out; ``cached`` says whether the model was spared."""
     admission = await admit_request(request, runtime)
-    body = await json_body(request, EmbedRequest)
-    check_text(body.text, None, runtime.settings.limits, param="text")
+    limits = runtime.settings.limits
+    body = await json_body(request, EmbedRequest, max_values=max_json_values(limits), param="text")
+    check_text(body.text, None, limits, param="text")
     model = body.model or runtime.default_model
     texts = await runtime.service.clip(model, [body.text])
     tokens = await runtime.service.count_tokens(model, texts)
@@ -75,8 +76,10 @@ async def embed_batch(
 ) -> Response:
     """Many texts in, vectors out in the same order."""
     admission = await admit_request(request, runtime)
-    body = await json_body(request, EmbedBatchRequest)
     limits = runtime.settings.limits
+    body = await json_body(
+        request, EmbedBatchRequest, max_values=max_json_values(limits), param="texts"
+    )
     if not body.texts:
         raise InvalidInput("'texts' must not be an empty list.", param="texts")
     check_sizes(body.texts, limits, param="texts")
