@@ -236,10 +236,10 @@ def test_request_head_attacks_leave_a_legitimate_client_answered(server: ServerP
             lambda: _slowloris(port, PER_CLIENT - 4),
             lambda: _idle_sockets(port, PER_CLIENT + 16, "127.0.0.3"),
         )
-    # The head is cut at 64 KB: the server answers 400 and closes, it does not read on.
+    # The head is cut at 64 KB: the server answers 431 and closes, it does not read on.
     for sent, answer in (big, many):
         assert sent < 1 << 20, (sent, answer[:100])
-        assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:100]
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer[:100]
     # Slowloris: every connection closed at the head deadline (408), none held.
     assert max(slow) < HEAD_TIMEOUT + 3, slow
     # Idle sockets past the per-client cap: refused at once with 503; the rest wait for the
