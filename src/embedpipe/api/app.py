@@ -22,7 +22,12 @@ from embedpipe.api.observability import (
     on_startup,
 )
 from embedpipe.api.openapi import install_openapi
-from embedpipe.api.request_guard import HostRule, RequestGuardMiddleware, allowed_hosts
+from embedpipe.api.request_guard import (
+    CrossSiteGuardMiddleware,
+    HostGuardMiddleware,
+    HostRule,
+    allowed_hosts,
+)
 from embedpipe.api.security import install_security
 from embedpipe.batches.wiring import open_job_service
 from embedpipe.runtime import Runtime
@@ -76,15 +81,14 @@ def create_app(settings: Settings) -> FastAPI:
         # Uploads may be larger (plus room for the multipart framing).
         larger_for={"/v1/files": settings.jobs.max_file_bytes + 64 * 1024},
     )
+    hosts = HostRule(allowed_hosts(settings.security.allowed_hosts, settings.host))
+    # Inside the key check: a caller without a key gets its 401 first.
+    app.add_middleware(CrossSiteGuardMiddleware, hosts=hosts)
     # API keys, outside the body limit: an unauthenticated body is never read.
     keys = install_security(app, settings)
     install_openapi(app, auth=keys.enabled)
-    # Before the key check: a rebound Host or a cross-site form is refused, key or not.
-    app.add_middleware(
-        RequestGuardMiddleware,
-        max_headers=settings.http.max_headers,
-        hosts=HostRule(allowed_hosts(settings.security.allowed_hosts, settings.host)),
-    )
+    # Before the key check: a rebound Host is refused, key or not.
+    app.add_middleware(HostGuardMiddleware, max_headers=settings.http.max_headers, hosts=hosts)
     app.add_middleware(DrainingMiddleware, is_draining=draining_of)
     app.add_middleware(ObservabilityMiddleware, traffic=traffic)
     app.add_middleware(RequestIdMiddleware)

@@ -46,6 +46,10 @@ def correct(document: dict[str, Any], *, auth: bool) -> dict[str, Any]:
             responses = operation.setdefault("responses", {})
             if responses.pop("422", None) is not None and "400" not in responses:
                 responses["400"] = _error("Invalid parameters or body.")
+            if method == "post":  # api/request_guard.py answers these before any route
+                responses.setdefault("403", _error("A POST from another site."))
+                if "requestBody" in operation:
+                    responses.setdefault("415", _error("A body not sent as the type it takes."))
             if auth and path not in OPEN_PATHS:
                 responses.setdefault("401", _error("A missing or unknown API key."))
                 operation["security"] = [{name: []} for name in _SECURITY_SCHEMES]

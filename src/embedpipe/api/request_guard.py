@@ -3,7 +3,8 @@
 
 Without keys (the default on a laptop) any web page the user opens could drive the server:
 ``text/plain`` and form bodies need no CORS preflight, and after DNS rebinding a page's
-requests reach ``127.0.0.1`` under the attacker's host name and may read the answers. So:
+requests reach ``127.0.0.1`` under the attacker's host name and may read the answers. So
+(:class:`HostGuardMiddleware` before the key check, :class:`CrossSiteGuardMiddleware` after):
 
 - ``Host`` must name an allowed host (``security.allowed_hosts``; by default the localhost
   names when the server is bound to loopback): a rebound name is refused (400).
@@ -23,6 +24,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedpipe.api.errors import error_response
@@ -86,64 +88,83 @@ def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return _header(headers, b"transfer-encoding") is not None
 
 
-class RequestGuardMiddleware:
-    """Refuses malformed or cross-site requests in OpenAI's envelope (see the module)."""
+def _refusal_response(status: int, message: str, code: str) -> Response:
+    return error_response(status, message, type_="invalid_request_error", code=code)
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        max_headers: int,
-        hosts: HostRule,
-        multipart_paths: Collection[str] = ("/v1/files",),
-    ) -> None:
+
+class HostGuardMiddleware:
+    """400 for a ``Host`` this server does not answer to, 431 past ``max_headers`` headers.
+    Outside the key check: a rebound page gets nothing, key or not."""
+
+    def __init__(self, app: ASGIApp, max_headers: int, hosts: HostRule) -> None:
         self.app = app
         self.max_headers = max_headers
+        self.hosts = hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers: list[tuple[bytes, bytes]] = scope["headers"]
+            refusal = None
+            if len(headers) > self.max_headers:
+                refusal = _refusal_response(
+                    431,
+                    f"The request has {len(headers)} headers; at most {self.max_headers} "
+                    "are allowed.",
+                    "too_many_headers",
+                )
+            else:
+                host = _header(headers, b"host")
+                if host is not None and not self.hosts.allows(host.decode("latin-1")):
+                    refusal = _refusal_response(
+                        400,
+                        "This server does not answer to that Host name "
+                        "(EMBEDPIPE_SECURITY__ALLOWED_HOSTS).",
+                        "invalid_host",
+                    )
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class CrossSiteGuardMiddleware:
+    """403 for a POST from another site, 415 for a POST body that is not JSON (multipart for
+    uploads). Inside the key check, so a caller without a key learns only that (401)."""
+
+    def __init__(
+        self, app: ASGIApp, hosts: HostRule, multipart_paths: Collection[str] = ("/v1/files",)
+    ) -> None:
+        self.app = app
         self.hosts = hosts
         self.multipart_paths = frozenset(multipart_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["method"] == "POST":
             refusal = self._refusal(scope)
             if refusal is not None:
-                status, message, code = refusal
-                response = error_response(status, message, type_="invalid_request_error", code=code)
-                await response(scope, receive, send)
+                await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def _refusal(self, scope: Scope) -> tuple[int, str, str] | None:
+    def _refusal(self, scope: Scope) -> Response | None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if len(headers) > self.max_headers:
-            return (
-                431,
-                f"The request has {len(headers)} headers; at most {self.max_headers} are allowed.",
-                "too_many_headers",
-            )
-        host = _header(headers, b"host")
-        if host is not None and not self.hosts.allows(host.decode("latin-1")):
-            return (
-                400,
-                "This server does not answer to that Host name "
-                "(EMBEDPIPE_SECURITY__ALLOWED_HOSTS).",
-                "invalid_host",
-            )
-        if scope["method"] != "POST":
-            return None
         if _cross_site(headers, self.hosts):
-            return 403, "Cross-site requests are not accepted.", "cross_site_request"
+            return _refusal_response(
+                403, "Cross-site requests are not accepted.", "cross_site_request"
+            )
         if not _has_body(headers):
             return None
         expected = _MULTIPART if scope["path"] in self.multipart_paths else _JSON
         given = (_header(headers, b"content-type") or b"").split(b";")[0].strip().lower()
-        if given not in expected:
-            wanted = expected[0].decode()
-            return (
-                415,
-                f"The body must be sent as {wanted} (Content-Type: {wanted}), "
-                f"not {given.decode('latin-1') or 'without a Content-Type'}.",
-                "unsupported_media_type",
-            )
-        return None
+        if given in expected:
+            return None
+        wanted = expected[0].decode()
+        return _refusal_response(
+            415,
+            f"The body must be sent as {wanted} (Content-Type: {wanted}), "
+            f"not {given.decode('latin-1') or 'without a Content-Type'}.",
+            "unsupported_media_type",
+        )
 
 
 def _cross_site(headers: Sequence[tuple[bytes, bytes]], hosts: HostRule) -> bool:
