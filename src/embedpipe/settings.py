@@ -90,6 +90,17 @@ class JobsSettings(BaseModel):
     chunk_size: int = Field(100, ge=1, le=50_000)
     max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     max_requests_per_batch: int = Field(50_000, ge=1)
+    # Validation reads a batch file line by line and stops at the first line past a limit,
+    # failing the batch: a line longer than this (bytes, its newline included; the online
+    # body limit), or more invalid lines than ``max_invalid_lines``.
+    max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_invalid_lines: int = Field(1000, ge=0)
+    # A chunk also closes at this many inputs (the texts of its requests together), so one
+    # chunk's vectors stay small in memory however many inputs each request holds.
+    chunk_max_inputs: int = Field(2048, ge=1)
+    # A chunk (or a batch's validation) whose runs died this many times (the process killed,
+    # e.g. out of memory) fails its batch instead of being delivered again forever.
+    max_crashes: int = Field(3, ge=1)
     # Chunks computed at once by the in-process runner (they share the online batcher).
     in_process_concurrency: int = Field(2, ge=1)
     # Redis broker: an unacknowledged chunk goes back to the queue after this long (a dead

@@ -7,6 +7,7 @@ file and a retried writer never leaves two.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,10 +56,15 @@ class Storage:
     def delete_file(self, file_id: str) -> None:
         self.file_path(file_id).unlink(missing_ok=True)
 
+    def remove_batch_dir(self, batch_id: str) -> None:
+        """Remove a batch's working files (chunks in and out): blocking."""
+        shutil.rmtree(self.batch_dir(batch_id), ignore_errors=True)
 
-def write_atomically(path: Path, lines: Iterable[bytes]) -> None:
+
+def write_atomically(path: Path, lines: Iterable[bytes], make_parents: bool = True) -> None:
     """Write ``lines`` (each ending in a newline) to ``path`` all at once or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         with os.fdopen(handle, "wb") as out:

@@ -17,6 +17,9 @@ from typing import Protocol
 
 from embedpipe.batches.objects import JsonDict
 
+# The run index of a batch's validation (chunks are 0, 1, ...).
+PREPARE_RUN = -1
+
 
 @dataclass(frozen=True, slots=True)
 class ChunkCounts:
@@ -63,6 +66,15 @@ class JobStore(Protocol):
     async def chunk_done(self, batch_id: str, index: int) -> bool: ...
 
     async def chunk_counts(self, batch_id: str) -> ChunkCounts: ...
+
+    async def begin_run(self, batch_id: str, index: int) -> int:
+        """Record that a run of chunk ``index`` (``PREPARE_RUN``: the validation) starts;
+        the number of its earlier runs that never ended (their process died)."""
+        ...
+
+    async def end_run(self, batch_id: str, index: int) -> None:
+        """The run ended (done or failed, not killed): forget its earlier runs."""
+        ...
 
     async def claim_finalize(self, batch_id: str) -> bool:
         """True for exactly one caller per batch: the one that assembles the output."""

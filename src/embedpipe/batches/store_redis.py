@@ -155,6 +155,13 @@ class RedisJobStore:
             failed += int(bad)
         return ChunkCounts(done=len(chunks), completed=completed, failed=failed)
 
+    async def begin_run(self, batch_id: str, index: int) -> int:
+        started = await self._redis.hincrby(self._key("batch", batch_id, "runs"), str(index), 1)
+        return int(started) - 1
+
+    async def end_run(self, batch_id: str, index: int) -> None:
+        await self._redis.hdel(self._key("batch", batch_id, "runs"), str(index))
+
     async def claim_finalize(self, batch_id: str) -> bool:
         return bool(await self._redis.hsetnx(self._key("batch", batch_id), "_finalize", "1"))
 

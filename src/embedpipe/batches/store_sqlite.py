@@ -24,6 +24,9 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS chunks (
     batch_id TEXT NOT NULL, idx INTEGER NOT NULL, completed INTEGER NOT NULL,
     failed INTEGER NOT NULL, PRIMARY KEY (batch_id, idx));
+CREATE TABLE IF NOT EXISTS runs (
+    batch_id TEXT NOT NULL, idx INTEGER NOT NULL, started INTEGER NOT NULL,
+    PRIMARY KEY (batch_id, idx));
 """
 
 
@@ -155,6 +158,23 @@ class SqliteJobStore:
             ).fetchone()
         )
         return ChunkCounts(done=row[0], completed=row[1], failed=row[2])
+
+    async def begin_run(self, batch_id: str, index: int) -> int:
+        row = await self._run(
+            lambda db: db.execute(
+                "INSERT INTO runs VALUES (?, ?, 1) ON CONFLICT (batch_id, idx) "
+                "DO UPDATE SET started = started + 1 RETURNING started",
+                (batch_id, index),
+            ).fetchone()
+        )
+        return int(row[0]) - 1
+
+    async def end_run(self, batch_id: str, index: int) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "DELETE FROM runs WHERE batch_id = ? AND idx = ?", (batch_id, index)
+            )
+        )
 
     async def claim_finalize(self, batch_id: str) -> bool:
         cursor = await self._run(
