@@ -101,6 +101,11 @@ class JobsSettings(BaseModel):
     # A chunk (or a batch's validation) whose runs died this many times (the process killed,
     # e.g. out of memory) fails its batch instead of being delivered again forever.
     max_crashes: int = Field(3, ge=1)
+    # Per API key (all callers together with auth off); past one, uploads or new batches get
+    # 429 insufficient_quota. 0 = no quota.
+    max_files_per_key: int = Field(10_000, ge=0)
+    max_stored_bytes_per_key: int = Field(10 * 1024**3, ge=0)
+    max_active_batches_per_key: int = Field(100, ge=0)
     # Chunks computed at once by the in-process runner (they share the online batcher).
     in_process_concurrency: int = Field(2, ge=1)
     # Redis broker: an unacknowledged chunk goes back to the queue after this long (a dead
@@ -190,6 +195,9 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     rate_limit_rpm: int = Field(0, ge=0)
     rate_limit_tpm: int = Field(0, ge=0)
+    # Tokens per minute a key's batch jobs may use, a budget apart from its online one; unset =
+    # the key's own tpm (keys file) or rate_limit_tpm; 0 = unlimited.
+    rate_limit_batch_tpm: int | None = Field(None, ge=0)
     # The upstream of models with the ``openai`` backend (OpenAI or any compatible API).
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key: SecretStr = SecretStr("")

@@ -3,6 +3,12 @@
 With API keys on, every file and batch belongs to the key that made it (a batch's output and
 error files to the batch's key): another key gets 404 for it and never sees it in a list.
 ``owner`` is the caller's key name, None when auth is off (then everything is visible).
+Lists show the caller's own objects, read from the store's index by owner.
+
+Each key has quotas (``jobs.max_files_per_key``, ``max_stored_bytes_per_key``,
+``max_active_batches_per_key``): past one, 429 ``insufficient_quota``. Batch ``metadata`` has
+OpenAI's limits (16 pairs, keys up to 64 characters, values up to 512), so no caller can fill
+the job store through it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.runner import Runner
 from embedpipe.batches.storage import Storage
 from embedpipe.batches.store import JobStore
-from embedpipe.errors import InvalidInput, NotFound
+from embedpipe.errors import InvalidInput, NotFound, QuotaExceeded, TooLarge
 from embedpipe.settings import JobsSettings
 
 
@@ -57,13 +63,42 @@ class JobService:
     ) -> JsonDict:
         if purpose != "batch":
             raise InvalidInput(f"'purpose' must be \"batch\" (got {purpose!r}).", param="purpose")
+        usage = await self._store.usage(owner)
+        self._check_file_quota(usage.files + 1, usage.bytes)
+        room = self._settings.max_file_bytes
+        if self._settings.max_stored_bytes_per_key:
+            room = min(room, max(0, self._settings.max_stored_bytes_per_key - usage.bytes))
         file_id = new_file_id()
-        size = await asyncio.to_thread(
-            self._storage.save_upload, file_id, source, self._settings.max_file_bytes
-        )
+        try:
+            size = await asyncio.to_thread(self._storage.save_upload, file_id, source, room)
+        except TooLarge:
+            if room < self._settings.max_file_bytes:  # the key's storage quota, not the file
+                self._check_file_quota(usage.files + 1, self._settings.max_stored_bytes_per_key)
+            raise
         file = file_object(file_id, filename[:255] or "upload.jsonl", purpose, size, owner)
-        await self._store.put_file(file)
+        try:
+            await self._store.put_file(file)
+        except BaseException:
+            self._storage.delete_file(file_id)
+            raise
         return public(file)
+
+    def _check_file_quota(self, files: int, stored: int) -> None:
+        quota = self._settings
+        if quota.max_files_per_key and files > quota.max_files_per_key:
+            raise QuotaExceeded(
+                f"This API key holds {quota.max_files_per_key} files, its quota: delete some "
+                "before uploading more.",
+                param="file",
+                code="file_quota_exceeded",
+            )
+        if quota.max_stored_bytes_per_key and stored >= quota.max_stored_bytes_per_key:
+            raise QuotaExceeded(
+                f"This API key's files take {quota.max_stored_bytes_per_key} bytes, its quota: "
+                "delete some before uploading more.",
+                param="file",
+                code="storage_quota_exceeded",
+            )
 
     async def file(self, file_id: str, owner: str | None = None) -> JsonDict:
         file = await self._store.get_file(file_id) if is_file_id(file_id) else None
@@ -85,7 +120,7 @@ class JobService:
         self, purpose: str | None, after: str | None, limit: int, owner: str | None = None
     ) -> list[JsonDict]:
         async def page(start: str | None, size: int) -> list[JsonDict]:
-            return await self._store.list_files(purpose, start, size)
+            return await self._store.list_files(purpose, start, size, owner)
 
         return await _visible_page(page, after, limit, owner)
 
@@ -108,11 +143,22 @@ class JobService:
                 f"'completion_window' must be one of {sorted(COMPLETION_WINDOW_SECONDS)}.",
                 param="completion_window",
             )
+        check_metadata(metadata)
         file = await self.file(input_file_id, owner)
         if file["purpose"] != "batch":
             raise InvalidInput(
                 f"File '{input_file_id}' has purpose {file['purpose']!r}, not \"batch\".",
                 param="input_file_id",
+            )
+        active = (await self._store.usage(owner)).active_batches
+        if self._settings.max_active_batches_per_key and (
+            active >= self._settings.max_active_batches_per_key
+        ):
+            raise QuotaExceeded(
+                f"This API key has {active} batches running, its quota: wait for one to end "
+                "or cancel one.",
+                param="input_file_id",
+                code="batch_quota_exceeded",
             )
         batch = batch_object(
             new_batch_id(),
@@ -144,7 +190,10 @@ class JobService:
     async def batches(
         self, after: str | None, limit: int, owner: str | None = None
     ) -> list[JsonDict]:
-        return await _visible_page(self._store.list_batches, after, limit, owner)
+        async def page(start: str | None, size: int) -> list[JsonDict]:
+            return await self._store.list_batches(start, size, owner)
+
+        return await _visible_page(page, after, limit, owner)
 
     async def cancel(self, batch_id: str, owner: str | None = None) -> JsonDict:
         batch = await self.batch(batch_id, owner)
@@ -156,6 +205,35 @@ class JobService:
                 param="batch_id",
             )
         return await self.batch(batch_id, owner)
+
+
+METADATA_PAIRS = 16
+METADATA_KEY_CHARS = 64
+METADATA_VALUE_CHARS = 512
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's limits on a batch's ``metadata``; InvalidInput past one."""
+    if metadata is None:
+        return
+    if len(metadata) > METADATA_PAIRS:
+        raise InvalidInput(
+            f"'metadata' holds {len(metadata)} pairs; at most {METADATA_PAIRS} are allowed.",
+            param="metadata",
+        )
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY_CHARS:
+            raise InvalidInput(
+                f"A 'metadata' key is {len(key)} characters long; at most "
+                f"{METADATA_KEY_CHARS} are allowed.",
+                param="metadata",
+            )
+        if len(value) > METADATA_VALUE_CHARS:
+            raise InvalidInput(
+                f"'metadata' value of {key[:64]!r} is {len(value)} characters long; at most "
+                f"{METADATA_VALUE_CHARS} are allowed.",
+                param="metadata",
+            )
 
 
 def visible(item: JsonDict, owner: str | None) -> bool:

@@ -6,6 +6,7 @@ file and a retried writer never leaves two.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from embedpipe.batches.objects import is_batch_id, is_file_id
-from embedpipe.errors import TooLarge
+from embedpipe.errors import StorageFull, TooLarge
 
 
 class Storage:
@@ -48,8 +49,10 @@ class Storage:
                         raise TooLarge(f"The file is larger than {max_bytes} bytes.", param="file")
                     out.write(block)
             os.replace(temp, target)
-        except BaseException:
+        except BaseException as exc:
             Path(temp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull("There is no room left for files; try again later.") from exc
             raise
         return size
 

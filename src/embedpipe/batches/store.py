@@ -5,6 +5,8 @@
     └── RedisJobStore    distributed: the broker Redis (never the evicting cache Redis),
                          shared by every API replica and Celery worker
 
+A write refused for want of room raises ``StorageFull`` (507), never the driver's error.
+
 Chunk completion is idempotent: a chunk counts once however often its task runs, which is
 what makes a retried or duplicated task harmless.
 """
@@ -28,6 +30,13 @@ class ChunkCounts:
     failed: int  # requests that failed in those chunks
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    files: int
+    bytes: int
+    active_batches: int
+
+
 class JobStore(Protocol):
     async def put_file(self, file: JsonDict) -> None: ...
 
@@ -36,9 +45,10 @@ class JobStore(Protocol):
     async def delete_file(self, file_id: str) -> bool: ...
 
     async def list_files(
-        self, purpose: str | None, after: str | None, limit: int
+        self, purpose: str | None, after: str | None, limit: int, owner: str | None = None
     ) -> list[JsonDict]:
-        """Newest first, starting after the id ``after``."""
+        """Newest first, starting after the id ``after``; with ``owner``, only that key's
+        (read from an index by owner: one key's many files cost another key nothing)."""
         ...
 
     async def put_batch(self, batch: JsonDict) -> None: ...
@@ -55,7 +65,13 @@ class JobStore(Protocol):
         """Set the status (and fields) only if the current status is in ``allowed_from``."""
         ...
 
-    async def list_batches(self, after: str | None, limit: int) -> list[JsonDict]: ...
+    async def list_batches(
+        self, after: str | None, limit: int, owner: str | None = None
+    ) -> list[JsonDict]: ...
+
+    async def usage(self, owner: str | None) -> Usage:
+        """What ``owner`` (None: the objects made with auth off) holds now."""
+        ...
 
     async def active_batch_ids(self) -> list[str]: ...
 

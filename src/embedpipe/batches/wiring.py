@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 from typing import Any
 
+from embedpipe.batches.budget import BatchBudget
 from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.runner import CeleryRunner, InProcessRunner, Runner
 from embedpipe.batches.service import JobService
@@ -16,9 +17,10 @@ from embedpipe.batches.storage import Storage
 from embedpipe.batches.store import JobStore
 from embedpipe.batches.store_redis import RedisJobStore
 from embedpipe.batches.store_sqlite import SqliteJobStore
-from embedpipe.operations.openai_embeddings import EmbeddingRequest, create_embeddings
+from embedpipe.operations.openai_embeddings import EmbeddingRequest, prepare, respond
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
+from embedpipe.tenancy import current_tenant
 
 
 def open_store(settings: Settings) -> JobStore:
@@ -29,11 +31,25 @@ def open_store(settings: Settings) -> JobStore:
 
 
 def new_processor(settings: Settings, runtime: Runtime, store: JobStore) -> BatchProcessor:
-    """A processor whose lines are answered by the same operation as ``/v1/embeddings``."""
+    """A processor whose lines are answered by the same operation as ``/v1/embeddings``,
+    charged to their key's batch budget and computed as background work (online requests
+    go first)."""
     service, decoder, limits = runtime.service, runtime.token_decoder, settings.limits
+    budget = BatchBudget.from_settings(runtime.limiter, settings)
 
     async def embed(request: EmbeddingRequest) -> dict[str, Any]:
-        return await create_embeddings(service, decoder, limits, request)
+        prepared = prepare(service, decoder, limits, request)
+        tokens = await service.count_tokens(prepared.model, prepared.texts)
+        # The chunk runs as its batch's owner (tenancy.serving_tenant): that key pays.
+        await budget.charge(current_tenant(), sum(tokens))
+        result = await service.embed(
+            prepared.model,
+            prepared.texts,
+            tokens,
+            dimensions=prepared.dimensions,
+            background=True,
+        )
+        return respond(prepared, result)
 
     return BatchProcessor(store, Storage(settings.data_dir), settings.jobs, embed)
 
