@@ -106,6 +106,10 @@ class JobsSettings(BaseModel):
     max_files_per_key: int = Field(10_000, ge=0)
     max_stored_bytes_per_key: int = Field(10 * 1024**3, ge=0)
     max_active_batches_per_key: int = Field(100, ge=0)
+    # An uploaded batch input file is deleted this long after its upload unless the upload
+    # set ``expires_after`` (OpenAI's default: 30 days); 0 = kept until deleted. Batch output
+    # files are kept until deleted unless the batch set ``output_expires_after``.
+    file_retention_seconds: int = Field(30 * 24 * 3600, ge=0)
     # Chunks computed at once by the in-process runner (they share the online batcher).
     in_process_concurrency: int = Field(2, ge=1)
     # Redis broker: an unacknowledged chunk goes back to the queue after this long (a dead

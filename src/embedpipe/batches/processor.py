@@ -173,10 +173,9 @@ class BatchProcessor:
         if await self._store.chunk_done(batch_id, index):
             return
         directory = self._storage.batch_dir(batch_id)
-        requests = _chunk_requests(directory / chunk_name(index, "in"))
+        requests = await asyncio.to_thread(_chunk_requests, directory / chunk_name(index, "in"))
         expired = [_expired_entry(batch_id, request) for request in requests]
-        write_atomically(directory / chunk_name(index, "out"), [], False)
-        write_atomically(directory / chunk_name(index, "err"), map(_line, expired), False)
+        await asyncio.to_thread(_write_results, directory, index, [], expired)
         await self._store.update_batch(batch_id, {"_expired": True})
         if await self._store.commit_chunk(batch_id, index, 0, len(expired)):
             metrics.JOB_ITEMS.labels(status="expired").inc(len(expired))
@@ -184,15 +183,13 @@ class BatchProcessor:
     async def _compute_chunk(self, batch_id: str, index: int) -> tuple[int, int]:
         directory = self._storage.batch_dir(batch_id)
         source = directory / chunk_name(index, "in")
-        requests = _chunk_requests(source)
+        requests = await asyncio.to_thread(_chunk_requests, source)
         # All at once: the micro-batcher coalesces the chunk's inputs into full model batches.
         entries = await asyncio.gather(*(self._answer(batch_id, request) for request in requests))
         good = [entry for entry in entries if entry["response"]["status_code"] == 200]
         bad = [entry for entry in entries if entry["response"]["status_code"] != 200]
-        # make_parents=False: a batch that ended meanwhile (its directory removed) is not
-        # brought back by a late duplicate run; that run fails and finds the batch done.
-        write_atomically(directory / chunk_name(index, "out"), map(_line, good), False)
-        write_atomically(directory / chunk_name(index, "err"), map(_line, bad), False)
+        # In a thread: serialising a chunk's vectors would stall every online request.
+        await asyncio.to_thread(_write_results, directory, index, good, bad)
         return len(good), len(bad)
 
     async def _answer(self, batch_id: str, request: JsonDict) -> JsonDict:
@@ -263,8 +260,9 @@ class BatchProcessor:
         errors = [directory / PREPARE_ERRORS]
         errors += [directory / chunk_name(i, "err") for i in range(chunk_count)]
         owner = batch.get("_owner")
-        output_file_id = await self._publish(batch_id, "output", outputs, owner)
-        error_file_id = await self._publish(batch_id, "error", errors, owner)
+        lifetime = batch.get("_output_lifetime")  # the batch's output_expires_after
+        output_file_id = await self._publish(batch_id, "output", outputs, owner, lifetime)
+        error_file_id = await self._publish(batch_id, "error", errors, owner, lifetime)
         counts = await self._store.chunk_counts(batch_id)
         fields: JsonDict = {
             "output_file_id": output_file_id,
@@ -296,7 +294,12 @@ class BatchProcessor:
         log.info("batch %s finalized: %s", batch_id, fields["request_counts"])
 
     async def _publish(
-        self, batch_id: str, kind: str, parts: list[Path], owner: str | None
+        self,
+        batch_id: str,
+        kind: str,
+        parts: list[Path],
+        owner: str | None,
+        lifetime_seconds: int | None = None,
     ) -> str | None:
         file_id = "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
         size = await asyncio.to_thread(
@@ -305,8 +308,9 @@ class BatchProcessor:
         if size == 0 and kind == "error":
             self._storage.delete_file(file_id)
             return None
+        lifetime = int(lifetime_seconds or 0)
         await self._store.put_file(
-            file_object(file_id, f"{batch_id}_{kind}.jsonl", "batch_output", size, owner)
+            file_object(file_id, f"{batch_id}_{kind}.jsonl", "batch_output", size, owner, lifetime)
         )
         return file_id
 
@@ -325,6 +329,13 @@ class BatchProcessor:
 def _past_window(batch: JsonDict) -> bool:
     expires_at = batch.get("expires_at")
     return isinstance(expires_at, int | float) and now() >= expires_at
+
+
+def _write_results(directory: Path, index: int, good: list[JsonDict], bad: list[JsonDict]) -> None:
+    # make_parents=False: a batch that ended meanwhile (its directory removed) is not brought
+    # back by a late duplicate run; that run fails and then finds the batch over.
+    write_atomically(directory / chunk_name(index, "out"), map(_line, good), False)
+    write_atomically(directory / chunk_name(index, "err"), map(_line, bad), False)
 
 
 def _chunk_requests(path: Path) -> list[JsonDict]:

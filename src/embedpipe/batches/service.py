@@ -21,13 +21,16 @@ from typing import BinaryIO
 from embedpipe import metrics
 from embedpipe.batches.objects import (
     COMPLETION_WINDOW_SECONDS,
+    EXPIRES_AFTER_SECONDS,
     JsonDict,
     batch_object,
+    expired,
     file_object,
     is_batch_id,
     is_file_id,
     new_batch_id,
     new_file_id,
+    now,
 )
 from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.runner import Runner
@@ -59,10 +62,21 @@ class JobService:
     # -- files -----------------------------------------------------------------------------
 
     async def upload(
-        self, filename: str, purpose: str, source: BinaryIO, owner: str | None = None
+        self,
+        filename: str,
+        purpose: str,
+        source: BinaryIO,
+        owner: str | None = None,
+        expires_after_seconds: int | None = None,
     ) -> JsonDict:
+        """``expires_after_seconds``: OpenAI's ``expires_after`` (anchored at the upload);
+        None: the retention setting."""
         if purpose != "batch":
             raise InvalidInput(f"'purpose' must be \"batch\" (got {purpose!r}).", param="purpose")
+        lifetime = self._settings.file_retention_seconds
+        if expires_after_seconds is not None:
+            lifetime = check_expires_after(expires_after_seconds, "expires_after")
+        await self.sweep_expired()
         usage = await self._store.usage(owner)
         self._check_file_quota(usage.files + 1, usage.bytes)
         room = self._settings.max_file_bytes
@@ -75,7 +89,9 @@ class JobService:
             if room < self._settings.max_file_bytes:  # the key's storage quota, not the file
                 self._check_file_quota(usage.files + 1, self._settings.max_stored_bytes_per_key)
             raise
-        file = file_object(file_id, filename[:255] or "upload.jsonl", purpose, size, owner)
+        file = file_object(
+            file_id, filename[:255] or "upload.jsonl", purpose, size, owner, lifetime
+        )
         try:
             await self._store.put_file(file)
         except BaseException:
@@ -102,25 +118,52 @@ class JobService:
 
     async def file(self, file_id: str, owner: str | None = None) -> JsonDict:
         file = await self._store.get_file(file_id) if is_file_id(file_id) else None
+        if file is not None and expired(file):
+            await self._remove_file(file_id)
+            file = None
         if file is None or not visible(file, owner):
             raise NotFound(f"No such file: '{file_id}'.", param="file_id")
         return public(file)
+
+    async def sweep_expired(self, limit: int = 100) -> int:
+        """Delete up to ``limit`` files past their ``expires_at`` (run at each upload and
+        listing, so the store never grows with files nobody may read)."""
+        ids = await self._store.expired_files(now(), limit)
+        for file_id in ids:
+            await self._remove_file(file_id)
+        return len(ids)
+
+    async def _remove_file(self, file_id: str) -> None:
+        await self._store.delete_file(file_id)
+        await asyncio.to_thread(self._storage.delete_file, file_id)
 
     async def file_path(self, file_id: str, owner: str | None = None) -> Path:
         await self.file(file_id, owner)
         return self._storage.file_path(file_id)
 
+    async def open_file(self, file_id: str, owner: str | None = None) -> BinaryIO:
+        """The file's bytes, opened: a delete that races the download unlinks the name, and
+        the open file reads on to its end (NotFound when it is gone already)."""
+        path = await self.file_path(file_id, owner)
+        try:
+            return await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"No such file: '{file_id}'.", param="file_id") from None
+
     async def delete_file(self, file_id: str, owner: str | None = None) -> JsonDict:
         await self.file(file_id, owner)
-        await self._store.delete_file(file_id)
-        self._storage.delete_file(file_id)
+        await self._remove_file(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
     async def files(
         self, purpose: str | None, after: str | None, limit: int, owner: str | None = None
     ) -> list[JsonDict]:
+        await self.sweep_expired()
+
         async def page(start: str | None, size: int) -> list[JsonDict]:
-            return await self._store.list_files(purpose, start, size, owner)
+            files = await self._store.list_files(purpose, start, size, owner)
+            # Past the sweep's share: expired files are not shown, though still stored.
+            return [file | {"_expired": True} if expired(file) else file for file in files]
 
         return await _visible_page(page, after, limit, owner)
 
@@ -133,6 +176,7 @@ class JobService:
         completion_window: str,
         metadata: dict[str, str] | None,
         owner: str | None = None,
+        output_expires_after_seconds: int | None = None,
     ) -> JsonDict:
         if endpoint != "/v1/embeddings":
             raise InvalidInput(
@@ -168,6 +212,10 @@ class JobService:
             self._settings.expire_after_seconds,
             owner,
         )
+        if output_expires_after_seconds is not None:
+            batch["_output_lifetime"] = check_expires_after(
+                output_expires_after_seconds, "output_expires_after"
+            )
         await self._store.put_batch(batch)
         await self._runner.submit(batch["id"])
         metrics.JOBS_SUBMITTED.inc()
@@ -212,6 +260,15 @@ METADATA_KEY_CHARS = 64
 METADATA_VALUE_CHARS = 512
 
 
+def check_expires_after(seconds: int, param: str) -> int:
+    low, high = EXPIRES_AFTER_SECONDS
+    if not low <= seconds <= high:
+        raise InvalidInput(
+            f"'{param}.seconds' must be between {low} and {high} (got {seconds}).", param=param
+        )
+    return seconds
+
+
 def check_metadata(metadata: dict[str, str] | None) -> None:
     """OpenAI's limits on a batch's ``metadata``; InvalidInput past one."""
     if metadata is None:
@@ -253,7 +310,9 @@ async def _visible_page(
     shown: list[JsonDict] = []
     while len(shown) < limit:
         items = await page(after, limit)
-        shown += [public(item) for item in items if visible(item, owner)]
+        shown += [
+            public(item) for item in items if visible(item, owner) and not item.get("_expired")
+        ]
         if len(items) < limit:
             break
         after = items[-1]["id"]

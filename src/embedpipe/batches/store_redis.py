@@ -71,6 +71,8 @@ class RedisJobStore:
                 pipe.zadd(self._key("files", file["purpose"]), {file["id"]: file["created_at"]})
                 pipe.zadd(self._owner_key("files", owner), {file["id"]: file["created_at"]})
                 pipe.hincrby(self._owner_key("bytes", owner), file["id"], int(file["bytes"]))
+                if file.get("expires_at") is not None:
+                    pipe.zadd(self._key("files", "expiry"), {file["id"]: file["expires_at"]})
                 await pipe.execute()
 
     async def get_file(self, file_id: str) -> JsonDict | None:
@@ -88,8 +90,15 @@ class RedisJobStore:
             pipe.zrem(self._key("files", file["purpose"]), file_id)
             pipe.zrem(self._owner_key("files", owner), file_id)
             pipe.hdel(self._owner_key("bytes", owner), file_id)
+            pipe.zrem(self._key("files", "expiry"), file_id)
             await pipe.execute()
         return True
+
+    async def expired_files(self, at: int, limit: int) -> list[str]:
+        ids: Any = await self._redis.zrangebyscore(
+            self._key("files", "expiry"), "-inf", at, start=0, num=limit
+        )
+        return [_text(item) for item in ids]
 
     async def _page(self, index_key: str, after: str | None, limit: int) -> list[str]:
         start = 0

@@ -42,6 +42,7 @@ _COLUMNS = {
     "files": (
         ("owner", "TEXT NOT NULL DEFAULT ''", "COALESCE(json_extract(doc, '$._owner'), '')"),
         ("bytes", "INTEGER NOT NULL DEFAULT 0", "COALESCE(json_extract(doc, '$.bytes'), 0)"),
+        ("expires_at", "INTEGER", "json_extract(doc, '$.expires_at')"),
     ),
     "batches": (
         ("owner", "TEXT NOT NULL DEFAULT ''", "COALESCE(json_extract(doc, '$._owner'), '')"),
@@ -49,6 +50,7 @@ _COLUMNS = {
 }
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS files_by_owner ON files (owner, created_at, id);
+CREATE INDEX IF NOT EXISTS files_by_expiry ON files (expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS batches_by_owner ON batches (owner, created_at, id);
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status);
 """
@@ -88,8 +90,9 @@ class SqliteJobStore:
     async def put_file(self, file: JsonDict) -> None:
         await self._run(
             lambda db: db.execute(
-                "INSERT OR REPLACE INTO files (id, created_at, purpose, doc, owner, bytes) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO files "
+                "(id, created_at, purpose, doc, owner, bytes, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     file["id"],
                     file["created_at"],
@@ -97,6 +100,7 @@ class SqliteJobStore:
                     json.dumps(file),
                     file.get("_owner") or "",
                     file["bytes"],
+                    file.get("expires_at"),
                 ),
             )
         )
@@ -123,6 +127,15 @@ class SqliteJobStore:
             lambda db: _newest_first(db, "files", "doc", where, args, after, limit)
         )
         return [_load(row[0]) for row in rows]
+
+    async def expired_files(self, at: int, limit: int) -> list[str]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+                (at, limit),
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
 
     async def put_batch(self, batch: JsonDict) -> None:
         await self._run(

@@ -6,6 +6,7 @@ store and a processor. Both take the ``Runtime`` that ``Runtime.open`` built.
 
 from __future__ import annotations
 
+import logging
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -22,10 +23,19 @@ from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
 from embedpipe.tenancy import current_tenant
 
+log = logging.getLogger("embedpipe.batches")
+
 
 def open_store(settings: Settings) -> JobStore:
     if settings.distributed:
         # The broker Redis (noeviction): job state must never be evicted like cache entries.
+        if not settings.broker_url:
+            log.warning(
+                "batch jobs and files are kept in the cache Redis (EMBEDPIPE_REDIS_URL), as "
+                "EMBEDPIPE_BROKER_URL is unset: a cache Redis that evicts (allkeys-lru/lfu, as "
+                "production configures it) loses batches, files and queued chunks. Set "
+                "EMBEDPIPE_BROKER_URL to a Redis with maxmemory-policy noeviction."
+            )
         return RedisJobStore.from_url(settings.effective_broker_url, settings.cache.namespace)
     return SqliteJobStore(settings.data_dir / "jobs.sqlite3")
 
