@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -48,6 +48,8 @@ log = logging.getLogger("embedpipe.batches")
 
 # One embeddings request body in, the response body out (raises EmbedpipeError).
 EmbedRequest = Callable[[EmbeddingRequest], Awaitable[dict[str, Any]]]
+
+T = TypeVar("T")
 
 _OVERLOAD_RETRIES = 30
 _RUNNING_STATUSES = ("in_progress", "cancelling", "finalizing")
@@ -198,15 +200,7 @@ class BatchProcessor:
         status, body = 200, None
         try:
             parsed = EmbeddingRequest.model_validate(request["body"])
-            for attempt in range(_OVERLOAD_RETRIES):
-                try:
-                    body = await self._embed(parsed)
-                    break
-                except (Overloaded, UpstreamRateLimited) as busy:
-                    # Batch work waits for room instead of failing: it has no deadline.
-                    if attempt == _OVERLOAD_RETRIES - 1:
-                        raise
-                    await asyncio.sleep(busy.retry_after)
+            body = await when_there_is_room(lambda: self._embed(parsed))
         except ValidationError as invalid:
             first = invalid.errors()[0]
             param = ".".join(str(part) for part in first["loc"]) or None
@@ -324,6 +318,19 @@ class BatchProcessor:
         if changed:
             await self.maybe_finalize(batch_id)
         return changed
+
+
+async def when_there_is_room(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, again after the wait it asks for while the model's queue (or an upstream)
+    is full: batch work waits for room instead of failing, it has no deadline."""
+    for attempt in range(_OVERLOAD_RETRIES):
+        try:
+            return await call()
+        except (Overloaded, UpstreamRateLimited) as busy:
+            if attempt == _OVERLOAD_RETRIES - 1:
+                raise
+            await asyncio.sleep(busy.retry_after)
+    raise AssertionError("unreachable")
 
 
 def _past_window(batch: JsonDict) -> bool:

@@ -87,7 +87,12 @@ class JobService:
             size = await asyncio.to_thread(self._storage.save_upload, file_id, source, room)
         except TooLarge:
             if room < self._settings.max_file_bytes:  # the key's storage quota, not the file
-                self._check_file_quota(usage.files + 1, self._settings.max_stored_bytes_per_key)
+                raise QuotaExceeded(
+                    "This file would take this API key's files past their quota of "
+                    f"{self._settings.max_stored_bytes_per_key} bytes: delete some first.",
+                    param="file",
+                    code="storage_quota_exceeded",
+                ) from None
             raise
         file = file_object(
             file_id, filename[:255] or "upload.jsonl", purpose, size, owner, lifetime
@@ -110,8 +115,8 @@ class JobService:
             )
         if quota.max_stored_bytes_per_key and stored >= quota.max_stored_bytes_per_key:
             raise QuotaExceeded(
-                f"This API key's files take {quota.max_stored_bytes_per_key} bytes, its quota: "
-                "delete some before uploading more.",
+                f"This API key's files take {stored} bytes, its quota is "
+                f"{quota.max_stored_bytes_per_key}: delete some before uploading more.",
                 param="file",
                 code="storage_quota_exceeded",
             )

@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from embedpipe.batches.budget import BatchBudget
-from embedpipe.batches.processor import BatchProcessor
+from embedpipe.batches.processor import BatchProcessor, when_there_is_room
 from embedpipe.batches.runner import CeleryRunner, InProcessRunner, Runner
 from embedpipe.batches.service import JobService
 from embedpipe.batches.storage import Storage
@@ -52,12 +52,15 @@ def new_processor(settings: Settings, runtime: Runtime, store: JobStore) -> Batc
         tokens = await service.count_tokens(prepared.model, prepared.texts)
         # The chunk runs as its batch's owner (tenancy.serving_tenant): that key pays.
         await budget.charge(current_tenant(), sum(tokens))
-        result = await service.embed(
-            prepared.model,
-            prepared.texts,
-            tokens,
-            dimensions=prepared.dimensions,
-            background=True,
+        # Waits for room here, after the charge: a full queue must not charge it again.
+        result = await when_there_is_room(
+            lambda: service.embed(
+                prepared.model,
+                prepared.texts,
+                tokens,
+                dimensions=prepared.dimensions,
+                background=True,
+            )
         )
         return respond(prepared, result)
 
