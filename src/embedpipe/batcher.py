@@ -10,6 +10,10 @@ closest to it, not in arrival order, and stops growing before padding exceeds
 ``max_padding`` of it: a long text goes with a few long ones rather than making 31 short
 ones pay its length (measured on the benchmark corpus: 0.59 of a nearest-32 batch's tokens
 were real, 0.9 with the bound, for 1.6x the texts per CPU-second).
+
+Batch jobs submit their texts as ``background``: a model call takes background texts only
+while no online text waits, and background texts may fill at most half the queue, so a batch
+of 100 x 2,048 inputs delays an online request by one model call, not by the whole queue.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class PendingText:
     future: asyncio.Future[np.ndarray]
     enqueued_at: float = field(default_factory=time.perf_counter)
     waiters: int = 1
+    # A batch job's text: computed only while no online text waits. An online request that
+    # joins it (the same text) makes it online.
+    background: bool = False
 
     def join(self) -> None:
         self.waiters += 1
@@ -86,10 +93,16 @@ class Batcher(Protocol):
     async def stop(self) -> None: ...
 
     def submit(
-        self, texts: Sequence[str], tokens: Sequence[int], dimensions: int | None = None
+        self,
+        texts: Sequence[str],
+        tokens: Sequence[int],
+        dimensions: int | None = None,
+        *,
+        background: bool = False,
     ) -> list[PendingText]:
         """Queue texts, all or none. ``dimensions``: the size the model must compute (only
-        for ``ModelInfo.upstream`` models; a local model's vectors are cut after the cache)."""
+        for ``ModelInfo.upstream`` models; a local model's vectors are cut after the cache).
+        ``background``: a batch job's texts, which yield to online ones."""
         ...
 
 
@@ -132,14 +145,21 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     def submit(
-        self, texts: Sequence[str], tokens: Sequence[int], dimensions: int | None = None
+        self,
+        texts: Sequence[str],
+        tokens: Sequence[int],
+        dimensions: int | None = None,
+        *,
+        background: bool = False,
     ) -> list[PendingText]:
-        """Queue texts for the model, all or none: a full queue raises Overloaded."""
+        """Queue texts for the model, all or none: a full queue raises Overloaded (for
+        ``background`` texts, half the queue: the other half stays free for online ones)."""
         if dimensions is not None:
             raise ValueError("a local model computes full vectors; cut them after the cache")
         if self._closed:
             raise NotReady("the server is shutting down")
-        if len(self._pending) + len(texts) > self._settings.max_queue_texts:
+        room = self._settings.max_queue_texts // (2 if background else 1)
+        if len(self._pending) + len(texts) > room:
             raise Overloaded(
                 f"The server is overloaded: {len(self._pending)} texts are waiting for "
                 f"model '{self._model}'. Retry later.",
@@ -147,7 +167,7 @@ class MicroBatcher:
             )
         loop = asyncio.get_running_loop()
         items = [
-            PendingText(text=text, tokens=count, future=loop.create_future())
+            PendingText(text=text, tokens=count, future=loop.create_future(), background=background)
             for text, count in zip(texts, tokens, strict=True)
         ]
         self._pending.extend(items)
@@ -177,11 +197,14 @@ class MicroBatcher:
         )
 
     def _take_batch(self) -> list[PendingText]:
-        """The oldest text plus its nearest neighbours by token length, within the limits."""
+        """The oldest text plus its nearest neighbours by token length, within the limits;
+        online texts only while any waits (batch jobs' texts yield to them)."""
         if not self._pending:
             return []
-        anchor = self._pending[0]
-        ordered = sorted(self._pending, key=lambda item: item.tokens)
+        online = [item for item in self._pending if not item.background]
+        candidates = online or self._pending
+        anchor = candidates[0]
+        ordered = sorted(candidates, key=lambda item: item.tokens)
         lengths = [item.tokens for item in ordered]
         low = bisect.bisect_left(lengths, anchor.tokens)
         while ordered[low] is not anchor:

@@ -21,6 +21,8 @@ from embedpipe.errors import (
     NotFound,
     NotReady,
     Overloaded,
+    QuotaExceeded,
+    StorageFull,
     TooLarge,
     UpstreamError,
     UpstreamFailed,
@@ -47,6 +49,10 @@ ERROR_STATUS: dict[type[EmbedpipeError], ErrorStatus] = {
     ModelFailed: SERVER_ERROR,
     ModelLoadError: SERVER_ERROR,  # at start-up, never a request's answer
     DatasetError: ErrorStatus(400, "invalid_request_error"),
+    # OpenAI answers a spent quota with 429 ``insufficient_quota``; a store without room is
+    # WebDAV's 507 Insufficient Storage, never a 500.
+    QuotaExceeded: ErrorStatus(429, "insufficient_quota"),
+    StorageFull: ErrorStatus(507, "server_error"),
     # The upstream API (``openai`` backend): its 429 stays a 429; its failures are a bad
     # gateway (502), or 503 while its circuit breaker is open.
     UpstreamError: ErrorStatus(502, "upstream_error"),

@@ -10,6 +10,8 @@ EmbedpipeError
 ├── ModelFailed           the model raised while computing a batch (details only in logs)
 ├── ModelLoadError        at start-up: the weights are missing, unreadable or not the expected
 ├── DatasetError          ``embedpipe embed``: the input or output file cannot be used
+├── QuotaExceeded         an API key holds as many files, bytes or active batches as it may
+├── StorageFull           the job store (broker Redis, data dir, SQLite) has no room left
 └── UpstreamError         an upstream embedding API (``openai`` backend) could not answer
     ├── UpstreamRateLimited   it kept answering 429; retry after ``retry_after`` seconds
     ├── UpstreamUnavailable   its circuit breaker is open: no call is tried for now
@@ -66,6 +68,16 @@ class ModelLoadError(EmbedpipeError):
 class DatasetError(EmbedpipeError):
     """The input or output file cannot be used as a whole (unknown format, missing column,
     not UTF-8, a fatal bad row)."""
+
+
+class QuotaExceeded(EmbedpipeError):
+    """A key's stored files, stored bytes or active batches are at their quota: it must
+    delete files or wait for batches to end (retrying soon will not help)."""
+
+
+class StorageFull(EmbedpipeError):
+    """The job store refused a write for want of room (Redis ``maxmemory`` under
+    ``noeviction``, a full disk); the message never carries the store's own text."""
 
 
 class UpstreamError(EmbedpipeError):

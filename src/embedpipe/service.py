@@ -131,11 +131,13 @@ class EmbeddingService:
         tokens: Sequence[int] | None = None,
         *,
         dimensions: int | None = None,
+        background: bool = False,
     ) -> EmbedResult:
         """``tokens``: from :meth:`count_tokens` when the caller counted already.
         ``dimensions``: the size asked for (already checked). A local model's full vector is
         cached and cut to size later; an upstream model computes each size itself, so each
-        size is its own cache entry and comes back that size."""
+        size is its own cache entry and comes back that size. ``background``: a batch job's
+        texts, which the model computes only while no online text waits."""
         name = self._models.resolve(model)
         embedder = self._models.get(name)
         sized = _sized(embedder.info, dimensions)
@@ -172,6 +174,7 @@ class EmbeddingService:
                 [unique_texts[position] for position in missing],
                 [token_of[unique_texts[position]] for position in missing],
                 sized,
+                background,
             )
             if not width:  # nothing was cached: an upstream model's first answer sizes it
                 vectors = np.empty((len(unique_texts), len(computed[0])), dtype=np.float32)
@@ -247,6 +250,7 @@ class EmbeddingService:
         texts: list[str],
         tokens: list[int],
         sized: int | None = None,
+        background: bool = False,
     ) -> list[np.ndarray]:
         """Vectors for cache misses: join work already in flight, queue the rest as one unit."""
         waiting: list[PendingText] = []
@@ -258,6 +262,7 @@ class EmbeddingService:
             shared = self._in_flight.get(key)
             if shared is not None and not shared.future.done():
                 shared.join()
+                shared.background = shared.background and background
                 slots.append(len(waiting))
                 waiting.append(shared)
             else:
@@ -266,7 +271,9 @@ class EmbeddingService:
                 new_texts.append(text)
                 new_tokens.append(count)
         batcher = self._batchers[model]
-        created = batcher.submit(new_texts, new_tokens, sized) if new_keys else []
+        created = (
+            batcher.submit(new_texts, new_tokens, sized, background=background) if new_keys else []
+        )
         for key, item in zip(new_keys, created, strict=True):
             self._in_flight[key] = item
             item.future.add_done_callback(functools.partial(self._forget, key, item))

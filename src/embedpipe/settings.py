@@ -121,6 +121,26 @@ class JobsSettings(BaseModel):
     chunk_size: int = Field(100, ge=1, le=50_000)
     max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     max_requests_per_batch: int = Field(50_000, ge=1)
+    # Validation reads a batch file line by line and stops at the first line past a limit,
+    # failing the batch: a line longer than this (bytes, its newline included; the online
+    # body limit), or more invalid lines than ``max_invalid_lines``.
+    max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_invalid_lines: int = Field(1000, ge=0)
+    # A chunk also closes at this many inputs (the texts of its requests together), so one
+    # chunk's vectors stay small in memory however many inputs each request holds.
+    chunk_max_inputs: int = Field(2048, ge=1)
+    # A chunk (or a batch's validation) whose runs died this many times (the process killed,
+    # e.g. out of memory) fails its batch instead of being delivered again forever.
+    max_crashes: int = Field(3, ge=1)
+    # Per API key (all callers together with auth off); past one, uploads or new batches get
+    # 429 insufficient_quota. 0 = no quota.
+    max_files_per_key: int = Field(10_000, ge=0)
+    max_stored_bytes_per_key: int = Field(10 * 1024**3, ge=0)
+    max_active_batches_per_key: int = Field(100, ge=0)
+    # An uploaded batch input file is deleted this long after its upload unless the upload
+    # set ``expires_after`` (OpenAI's default: 30 days); 0 = kept until deleted. Batch output
+    # files are kept until deleted unless the batch set ``output_expires_after``.
+    file_retention_seconds: int = Field(30 * 24 * 3600, ge=0)
     # Chunks computed at once by the in-process runner (they share the online batcher).
     in_process_concurrency: int = Field(2, ge=1)
     # Redis broker: an unacknowledged chunk goes back to the queue after this long (a dead
@@ -210,6 +230,9 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     rate_limit_rpm: int = Field(0, ge=0)
     rate_limit_tpm: int = Field(0, ge=0)
+    # Tokens per minute a key's batch jobs may use, a budget apart from its online one; unset =
+    # the key's own tpm (keys file) or rate_limit_tpm; 0 = unlimited.
+    rate_limit_batch_tpm: int | None = Field(None, ge=0)
     # The upstream of models with the ``openai`` backend (OpenAI or any compatible API).
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key: SecretStr = SecretStr("")

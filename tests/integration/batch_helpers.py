@@ -13,7 +13,7 @@ from openai.types import Batch
 from tests.integration.conftest import MODEL
 
 
-def request_line(custom_id: str, text: str, **body: Any) -> str:
+def request_line(custom_id: str, text: str | list[str], **body: Any) -> str:
     return json.dumps(
         {
             "custom_id": custom_id,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -160,5 +161,51 @@ async def test_model_failure_fails_only_its_batch_with_a_generic_error() -> None
         assert "secret" not in str(failed.value)
         (good,) = batcher.submit(["fine"], [3])
         np.testing.assert_allclose(await good.future, vector_for("fine"))
+    finally:
+        await batcher.stop()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait for ``condition`` (checked every 5 ms, for at most 10 s)."""
+    for _ in range(2000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition never held")
+
+
+async def test_batch_job_texts_yield_to_online_ones() -> None:
+    # Issue 19: one batch of 100 x 2,048 inputs raised another key's online latency to 21 s.
+    embedder = FakeEmbedder()
+    embedder.gate = threading.Event()
+    batcher = await _started(embedder, _settings(max_batch_size=4))
+    try:
+        blocker = batcher.submit(["blocker"], [3])
+        await _until(lambda: batcher.queue_depth == 0)  # the blocker is in the model
+        background = batcher.submit([f"b{i}" for i in range(12)], [3] * 12, background=True)
+        online = batcher.submit(["online"], [3])
+        embedder.gate.set()
+        await asyncio.gather(*(item.future for item in blocker + background + online))
+    finally:
+        await batcher.stop()
+    # The call after the blocker is the online text's, although 12 batch texts came first.
+    assert "online" in embedder.calls[1]
+    assert all(text.startswith("b") for text in embedder.calls[1] if text != "online")
+
+
+async def test_batch_job_texts_may_fill_half_the_queue_only() -> None:
+    embedder = FakeEmbedder()
+    embedder.gate = threading.Event()
+    batcher = await _started(embedder, _settings(max_queue_texts=8))
+    try:
+        running = batcher.submit(["running"], [3])
+        await _until(lambda: batcher.queue_depth == 0)
+        queued = batcher.submit(["a", "b", "c", "d"], [3] * 4, background=True)
+        with pytest.raises(Overloaded):
+            batcher.submit(["e"], [3], background=True)
+        # The other half stays free for online requests.
+        online = batcher.submit(["f", "g", "h", "i"], [3] * 4)
+        embedder.gate.set()
+        await asyncio.gather(*(item.future for item in running + queued + online))
     finally:
         await batcher.stop()

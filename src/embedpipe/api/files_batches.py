@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+from collections.abc import AsyncIterator
+from typing import Annotated, BinaryIO, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, Field
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, Response, StreamingResponse
 
 from embedpipe.api.deps import body_schema, json_body, json_response
 from embedpipe.api.schemas import ErrorBody
@@ -47,11 +50,17 @@ def get_owner(request: Request) -> str | None:
 Owner = Annotated[str | None, Depends(get_owner)]
 
 
+class ExpiresAfter(BaseModel):
+    anchor: Literal["created_at"] = "created_at"
+    seconds: int
+
+
 class BatchCreate(BaseModel):
     input_file_id: str
     endpoint: str = Field(examples=["/v1/embeddings"])
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None
+    output_expires_after: ExpiresAfter | None = None
 
 
 def _page(items: list[JsonDict], limit: int) -> dict[str, object]:
@@ -71,9 +80,12 @@ async def upload_file(
     owner: Owner,
     file: Annotated[UploadFile, File(description="JSONL, one request per line.")],
     purpose: Annotated[str, Form()],
+    anchor: Annotated[Literal["created_at"], Form(alias="expires_after[anchor]")] = "created_at",
+    seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
 ) -> Response:
-    """Upload a batch input file."""
-    return json_response(await jobs.upload(file.filename or "", purpose, file.file, owner))
+    """Upload a batch input file; it expires after ``expires_after`` or the server's
+    retention (30 days unless configured)."""
+    return json_response(await jobs.upload(file.filename or "", purpose, file.file, owner, seconds))
 
 
 @router.get("/files")
@@ -105,7 +117,22 @@ async def delete_file(file_id: str, jobs: Jobs, owner: Owner) -> Response:
 )
 async def file_content(file_id: str, jobs: Jobs, owner: Owner) -> Response:
     """The file's bytes (batch output and error files are JSONL)."""
-    return FileResponse(await jobs.file_path(file_id, owner), media_type="application/octet-stream")
+    # Opened before the headers go: a delete racing the download cannot cut it short.
+    source = await jobs.open_file(file_id, owner)
+    size = os.fstat(source.fileno()).st_size
+    return StreamingResponse(
+        _read_through(source),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(size)},
+    )
+
+
+async def _read_through(source: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while block := await anyio.to_thread.run_sync(source.read, 1 << 20):
+            yield block
+    finally:
+        source.close()
 
 
 @router.post("/batches", responses=_ERRORS, openapi_extra=body_schema(BatchCreate))
@@ -116,7 +143,12 @@ async def create_batch(request: Request, jobs: Jobs, owner: Owner) -> Response:
     body = await json_body(request, BatchCreate)
     return json_response(
         await jobs.create_batch(
-            body.input_file_id, body.endpoint, body.completion_window, body.metadata, owner
+            body.input_file_id,
+            body.endpoint,
+            body.completion_window,
+            body.metadata,
+            owner,
+            body.output_expires_after.seconds if body.output_expires_after else None,
         )
     )
 

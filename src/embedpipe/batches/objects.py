@@ -24,6 +24,8 @@ BATCH_STATUSES = (
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 FILE_PURPOSES = ("batch", "batch_output")
 COMPLETION_WINDOW_SECONDS = {"24h": 24 * 3600}
+# OpenAI's bounds on a file's ``expires_after`` (one hour to 30 days).
+EXPIRES_AFTER_SECONDS = (3600, 30 * 24 * 3600)
 
 _FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 _BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
@@ -51,20 +53,33 @@ def now() -> int:
     return int(time.time())
 
 
+def expired(item: JsonDict) -> bool:
+    """Whether a file's ``expires_at`` has passed (it is then never served again)."""
+    expires_at = item.get("expires_at")
+    return isinstance(expires_at, int | float) and now() >= expires_at
+
+
 def file_object(
-    file_id: str, filename: str, purpose: str, size: int, owner: str | None = None
+    file_id: str,
+    filename: str,
+    purpose: str,
+    size: int,
+    owner: str | None = None,
+    expires_after_seconds: int = 0,
 ) -> JsonDict:
-    """``owner``: the API key name that may see the file (None: anyone, auth is off)."""
+    """``owner``: the API key name that may see the file (None: anyone, auth is off).
+    ``expires_after_seconds``: deleted that long after now (0: kept until deleted)."""
+    created = now()
     return {
         "_owner": owner,
         "id": file_id,
         "object": "file",
         "bytes": size,
-        "created_at": now(),
+        "created_at": created,
         "filename": filename,
         "purpose": purpose,
         "status": "processed",
-        "expires_at": None,
+        "expires_at": created + expires_after_seconds if expires_after_seconds else None,
         "status_details": None,
     }
 

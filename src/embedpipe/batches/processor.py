@@ -5,22 +5,24 @@
          +--> failed             |                        +--(a chunk expired)--> expired
                                  +--cancel--> cancelling --chunks skipped--> cancelled
 
-``prepare`` checks every line and splits the valid requests into chunk files. ``run_chunk``
+``prepare`` checks every line and splits the valid requests into chunk files, in bounded
+memory (``validation.py``). ``run_chunk``
 computes one chunk and commits its output atomically; a chunk run twice (a retried or
 duplicated task) produces the same files and counts once. Whoever commits the last chunk
-assembles the output and error files.
+assembles the output and error files and removes the chunk files. A chunk whose runs keep
+dying (each run's process killed) fails its batch after ``max_crashes`` runs, instead of
+being delivered again forever; a batch that fails leaves no file of its own behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -28,7 +30,8 @@ from pydantic import ValidationError
 from embedpipe import metrics
 from embedpipe.batches.objects import JsonDict, file_object, now
 from embedpipe.batches.storage import Storage, concatenate_atomically, write_atomically
-from embedpipe.batches.store import JobStore
+from embedpipe.batches.store import PREPARE_RUN, JobStore
+from embedpipe.batches.validation import PREPARE_ERRORS, chunk_name, problem, request_id, split_file
 from embedpipe.error_status import status_for
 from embedpipe.errors import (
     EmbedpipeError,
@@ -46,7 +49,10 @@ log = logging.getLogger("embedpipe.batches")
 # One embeddings request body in, the response body out (raises EmbedpipeError).
 EmbedRequest = Callable[[EmbeddingRequest], Awaitable[dict[str, Any]]]
 
+T = TypeVar("T")
+
 _OVERLOAD_RETRIES = 30
+_RUNNING_STATUSES = ("in_progress", "cancelling", "finalizing")
 
 
 class BatchProcessor:
@@ -74,76 +80,59 @@ class BatchProcessor:
             ):
                 metrics.JOBS.labels(status="expired").inc()
             return 0
-        source = self._storage.file_path(batch["input_file_id"])
+        crashed = await self._store.begin_run(batch_id, PREPARE_RUN)
         try:
-            chunks, problems, total = await asyncio.to_thread(self._split, batch_id, source)
+            if crashed >= self._settings.max_crashes:
+                await self._fail(batch_id, [_crashed("Validating the input file", crashed)])
+                return 0
+            return await self._prepare(batch_id, batch["input_file_id"])
+        finally:
+            await self._store.end_run(batch_id, PREPARE_RUN)
+
+    async def _prepare(self, batch_id: str, input_file_id: str) -> int:
+        source = self._storage.file_path(input_file_id)
+        directory = self._storage.batch_dir(batch_id)
+        try:
+            split = await asyncio.to_thread(split_file, source, directory, batch_id, self._settings)
         except OSError:
             log.exception("batch %s: cannot read its input file", batch_id)
-            await self._fail(batch_id, [_problem("file_unreadable", "The input file is gone.")])
+            await self._fail(batch_id, [problem("file_unreadable", "The input file is gone.")])
             return 0
-        if not chunks:
-            shown = problems[:20] or [_problem("empty_file", "The input file holds no requests.")]
-            await self._fail(batch_id, [entry.get("error", entry) for entry in shown])
+        if split.fatal is not None:
+            await self._fail(batch_id, [split.fatal, *split.shown])
             return 0
-        if total > self._settings.max_requests_per_batch:
-            await self._fail(
-                batch_id,
-                [
-                    _problem(
-                        "too_many_requests",
-                        f"The file holds {total} requests; at most "
-                        f"{self._settings.max_requests_per_batch} are allowed.",
-                    )
-                ],
-            )
+        if not split.chunks:
+            shown = split.shown or [problem("empty_file", "The input file holds no requests.")]
+            await self._fail(batch_id, shown)
             return 0
-        directory = self._storage.batch_dir(batch_id)
-        write_atomically(directory / "prepare.err.jsonl", (_line(entry) for entry in problems))
         await self._store.update_batch(
-            batch_id, {"_chunk_count": chunks, "_prepare_failed": len(problems)}
+            batch_id, {"_chunk_count": split.chunks, "_prepare_failed": split.invalid}
         )
-        counts = {"total": total, "completed": 0, "failed": len(problems)}
+        counts = {"total": split.total, "completed": 0, "failed": split.invalid}
         await self._store.transition(
             batch_id,
             "in_progress",
             ["validating"],
             {"in_progress_at": now(), "request_counts": counts},
         )
-        return chunks
+        return split.chunks
 
-    def _split(self, batch_id: str, source: Path) -> tuple[int, list[JsonDict], int]:
-        """Chunk files of valid requests; error entries for the invalid lines; line count."""
-        directory = self._storage.batch_dir(batch_id)
-        problems: list[JsonDict] = []
-        seen: set[str] = set()
-        pending: list[bytes] = []
-        chunks = total = 0
-        with source.open("rb") as lines:
-            for number, raw in enumerate(lines, start=1):
-                if not raw.strip():
-                    continue
-                total += 1
-                request, problem = _parse_line(raw, seen)
-                if problem is not None or request is None:
-                    problems.append(_error_entry(batch_id, number, request, problem or {}))
-                    continue
-                pending.append(orjson.dumps(request | {"_line": number}) + b"\n")
-                if len(pending) == self._settings.chunk_size:
-                    write_atomically(directory / f"chunk-{chunks:06d}.in.jsonl", pending)
-                    chunks, pending = chunks + 1, []
-        if pending:
-            write_atomically(directory / f"chunk-{chunks:06d}.in.jsonl", pending)
-            chunks += 1
-        return chunks, problems, total
-
-    async def _fail(self, batch_id: str, errors: list[JsonDict]) -> None:
-        await self._store.transition(
+    async def _fail(
+        self,
+        batch_id: str,
+        errors: list[JsonDict],
+        allowed_from: tuple[str, ...] = ("validating",),
+    ) -> None:
+        """Fail the batch with ``errors`` and remove everything it wrote."""
+        failed = await self._store.transition(
             batch_id,
             "failed",
-            ["validating"],
+            allowed_from,
             {"failed_at": now(), "errors": {"object": "list", "data": errors}},
         )
-        metrics.JOBS.labels(status="failed").inc()
+        await asyncio.to_thread(self._storage.remove_batch_dir, batch_id)
+        if failed:
+            metrics.JOBS.labels(status="failed").inc()
 
     # -- chunks ----------------------------------------------------------------------------
 
@@ -156,14 +145,29 @@ class BatchProcessor:
         elif batch["status"] == "in_progress" and _past_window(batch):
             await self._expire_chunk(batch_id, index)
         elif batch["status"] == "in_progress" and not await self._store.chunk_done(batch_id, index):
-            started = time.perf_counter()
-            with serving_tenant(batch.get("_owner")):  # its cache namespace, if per tenant
-                completed, failed = await self._compute_chunk(batch_id, index)
-            if await self._store.commit_chunk(batch_id, index, completed, failed):
-                metrics.JOB_ITEMS.labels(status="succeeded").inc(completed)
-                metrics.JOB_ITEMS.labels(status="failed").inc(failed)
-            metrics.JOB_CHUNK_SECONDS.observe(time.perf_counter() - started)
+            crashed = await self._store.begin_run(batch_id, index)
+            try:
+                if crashed >= self._settings.max_crashes:
+                    # A poisoned chunk: each run killed its process. Redelivering it again
+                    # would only kill another worker.
+                    await self._fail(
+                        batch_id, [_crashed(f"Chunk {index}", crashed)], _RUNNING_STATUSES
+                    )
+                    return
+                await self._run_chunk(batch, index)
+            finally:
+                await self._store.end_run(batch_id, index)
         await self.maybe_finalize(batch_id)
+
+    async def _run_chunk(self, batch: JsonDict, index: int) -> None:
+        batch_id = batch["id"]
+        started = time.perf_counter()
+        with serving_tenant(batch.get("_owner")):  # its cache namespace, if per tenant
+            completed, failed = await self._compute_chunk(batch_id, index)
+        if await self._store.commit_chunk(batch_id, index, completed, failed):
+            metrics.JOB_ITEMS.labels(status="succeeded").inc(completed)
+            metrics.JOB_ITEMS.labels(status="failed").inc(failed)
+        metrics.JOB_CHUNK_SECONDS.observe(time.perf_counter() - started)
 
     async def _expire_chunk(self, batch_id: str, index: int) -> None:
         """The completion window has passed: this chunk's requests become batch_expired
@@ -171,41 +175,32 @@ class BatchProcessor:
         if await self._store.chunk_done(batch_id, index):
             return
         directory = self._storage.batch_dir(batch_id)
-        requests = _chunk_requests(directory / f"chunk-{index:06d}.in.jsonl")
+        requests = await asyncio.to_thread(_chunk_requests, directory / chunk_name(index, "in"))
         expired = [_expired_entry(batch_id, request) for request in requests]
-        write_atomically(directory / f"chunk-{index:06d}.out.jsonl", [])
-        write_atomically(directory / f"chunk-{index:06d}.err.jsonl", map(_line, expired))
+        await asyncio.to_thread(_write_results, directory, index, [], expired)
         await self._store.update_batch(batch_id, {"_expired": True})
         if await self._store.commit_chunk(batch_id, index, 0, len(expired)):
             metrics.JOB_ITEMS.labels(status="expired").inc(len(expired))
 
     async def _compute_chunk(self, batch_id: str, index: int) -> tuple[int, int]:
         directory = self._storage.batch_dir(batch_id)
-        source = directory / f"chunk-{index:06d}.in.jsonl"
-        requests = _chunk_requests(source)
+        source = directory / chunk_name(index, "in")
+        requests = await asyncio.to_thread(_chunk_requests, source)
         # All at once: the micro-batcher coalesces the chunk's inputs into full model batches.
         entries = await asyncio.gather(*(self._answer(batch_id, request) for request in requests))
         good = [entry for entry in entries if entry["response"]["status_code"] == 200]
         bad = [entry for entry in entries if entry["response"]["status_code"] != 200]
-        write_atomically(directory / f"chunk-{index:06d}.out.jsonl", map(_line, good))
-        write_atomically(directory / f"chunk-{index:06d}.err.jsonl", map(_line, bad))
+        # In a thread: serialising a chunk's vectors would stall every online request.
+        await asyncio.to_thread(_write_results, directory, index, good, bad)
         return len(good), len(bad)
 
     async def _answer(self, batch_id: str, request: JsonDict) -> JsonDict:
         custom_id = request["custom_id"]
-        request_id = _request_id(batch_id, custom_id)
+        req_id = request_id(batch_id, custom_id)
         status, body = 200, None
         try:
             parsed = EmbeddingRequest.model_validate(request["body"])
-            for attempt in range(_OVERLOAD_RETRIES):
-                try:
-                    body = await self._embed(parsed)
-                    break
-                except (Overloaded, UpstreamRateLimited) as busy:
-                    # Batch work waits for room instead of failing: it has no deadline.
-                    if attempt == _OVERLOAD_RETRIES - 1:
-                        raise
-                    await asyncio.sleep(busy.retry_after)
+            body = await when_there_is_room(lambda: self._embed(parsed))
         except ValidationError as invalid:
             first = invalid.errors()[0]
             param = ".".join(str(part) for part in first["loc"]) or None
@@ -219,13 +214,13 @@ class BatchProcessor:
             status, type_ = status_for(error)
             body = _envelope(error.message, type_, error.param, error.code)
         except Exception:
-            log.exception("batch %s: request %s failed", batch_id, request_id)
+            log.exception("batch %s: request %s failed", batch_id, req_id)
             status = 500
             body = _envelope("The server had an error processing your request.", "server_error")
         return {
-            "id": f"batch_req_{request_id}",
+            "id": f"batch_req_{req_id}",
             "custom_id": custom_id,
-            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "response": {"status_code": status, "request_id": req_id, "body": body},
             "error": None,
         }
 
@@ -255,12 +250,13 @@ class BatchProcessor:
             )
         directory = self._storage.batch_dir(batch_id)
         chunk_count = int(batch["_chunk_count"])
-        outputs = [directory / f"chunk-{i:06d}.out.jsonl" for i in range(chunk_count)]
-        errors = [directory / "prepare.err.jsonl"]
-        errors += [directory / f"chunk-{i:06d}.err.jsonl" for i in range(chunk_count)]
+        outputs = [directory / chunk_name(i, "out") for i in range(chunk_count)]
+        errors = [directory / PREPARE_ERRORS]
+        errors += [directory / chunk_name(i, "err") for i in range(chunk_count)]
         owner = batch.get("_owner")
-        output_file_id = await self._publish(batch_id, "output", outputs, owner)
-        error_file_id = await self._publish(batch_id, "error", errors, owner)
+        lifetime = batch.get("_output_lifetime")  # the batch's output_expires_after
+        output_file_id = await self._publish(batch_id, "output", outputs, owner, lifetime)
+        error_file_id = await self._publish(batch_id, "error", errors, owner, lifetime)
         counts = await self._store.chunk_counts(batch_id)
         fields: JsonDict = {
             "output_file_id": output_file_id,
@@ -286,10 +282,18 @@ class BatchProcessor:
                 batch_id, "completed", ["finalizing"], fields | {"completed_at": now()}
             )
             metrics.JOBS.labels(status="completed").inc()
+        # The chunk files hold the input texts: once the output is assembled they go, so that
+        # deleting the batch's files deletes its data.
+        await asyncio.to_thread(self._storage.remove_batch_dir, batch_id)
         log.info("batch %s finalized: %s", batch_id, fields["request_counts"])
 
     async def _publish(
-        self, batch_id: str, kind: str, parts: list[Path], owner: str | None
+        self,
+        batch_id: str,
+        kind: str,
+        parts: list[Path],
+        owner: str | None,
+        lifetime_seconds: int | None = None,
     ) -> str | None:
         file_id = "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
         size = await asyncio.to_thread(
@@ -298,8 +302,9 @@ class BatchProcessor:
         if size == 0 and kind == "error":
             self._storage.delete_file(file_id)
             return None
+        lifetime = int(lifetime_seconds or 0)
         await self._store.put_file(
-            file_object(file_id, f"{batch_id}_{kind}.jsonl", "batch_output", size, owner)
+            file_object(file_id, f"{batch_id}_{kind}.jsonl", "batch_output", size, owner, lifetime)
         )
         return file_id
 
@@ -315,9 +320,29 @@ class BatchProcessor:
         return changed
 
 
+async def when_there_is_room(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, again after the wait it asks for while the model's queue (or an upstream)
+    is full: batch work waits for room instead of failing, it has no deadline."""
+    for attempt in range(_OVERLOAD_RETRIES):
+        try:
+            return await call()
+        except (Overloaded, UpstreamRateLimited) as busy:
+            if attempt == _OVERLOAD_RETRIES - 1:
+                raise
+            await asyncio.sleep(busy.retry_after)
+    raise AssertionError("unreachable")
+
+
 def _past_window(batch: JsonDict) -> bool:
     expires_at = batch.get("expires_at")
     return isinstance(expires_at, int | float) and now() >= expires_at
+
+
+def _write_results(directory: Path, index: int, good: list[JsonDict], bad: list[JsonDict]) -> None:
+    # make_parents=False: a batch that ended meanwhile (its directory removed) is not brought
+    # back by a late duplicate run; that run fails and then finds the batch over.
+    write_atomically(directory / chunk_name(index, "out"), map(_line, good), False)
+    write_atomically(directory / chunk_name(index, "err"), map(_line, bad), False)
 
 
 def _chunk_requests(path: Path) -> list[JsonDict]:
@@ -327,78 +352,21 @@ def _chunk_requests(path: Path) -> list[JsonDict]:
 def _expired_entry(batch_id: str, request: JsonDict) -> JsonDict:
     custom_id = request["custom_id"]
     return {
-        "id": f"batch_req_{_request_id(batch_id, custom_id)}",
+        "id": f"batch_req_{request_id(batch_id, custom_id)}",
         "custom_id": custom_id,
         "response": None,
-        "error": _problem(
+        "error": problem(
             "batch_expired", "The batch expired before this request could be processed."
         ),
     }
 
 
-def _parse_line(raw: bytes, seen: set[str]) -> tuple[JsonDict | None, JsonDict | None]:
-    """The request on a line, or what is wrong with it."""
-    try:
-        request = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
-        return None, _problem("invalid_json", "The line is not valid JSON.")
-    if not isinstance(request, dict):
-        return None, _problem("invalid_request", "The line is not a JSON object.")
-    custom_id = request.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        return None, _problem("missing_custom_id", "'custom_id' must be a non-empty string.")
-    if not _storable(custom_id):
-        return None, _UNSTORABLE
-    if custom_id in seen:
-        return request, _problem("duplicate_custom_id", f"'custom_id' {custom_id!r} is repeated.")
-    seen.add(custom_id)
-    if request.get("method") != "POST":
-        return request, _problem("invalid_method", "'method' must be \"POST\".")
-    if request.get("url") != "/v1/embeddings":
-        return request, _problem("invalid_url", "'url' must be \"/v1/embeddings\".")
-    if not isinstance(request.get("body"), dict):
-        return request, _problem("invalid_body", "'body' must be a JSON object.")
-    if not _storable(request["body"]):
-        return request, _UNSTORABLE
-    return {"custom_id": custom_id, "body": request["body"]}, None
-
-
-def _storable(value: object) -> bool:
-    """Whether orjson, which writes the chunk and result files, can write ``value``: Python's
-    json reads unpaired surrogates (not Unicode), integers past 64 bits and nesting deeper
-    than orjson's 254 levels, and one such line must not stop the whole batch."""
-    try:
-        orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return False
-    return True
-
-
-def _problem(code: str, message: str) -> JsonDict:
-    return {"code": code, "message": message}
-
-
-_UNSTORABLE = _problem(
-    "invalid_json",
-    "The line is not JSON this service can read: it holds an unpaired UTF-16 surrogate, an "
-    "integer beyond 64 bits or nesting deeper than 254 levels.",
-)
-
-
-def _error_entry(batch_id: str, line: int, request: JsonDict | None, problem: JsonDict) -> JsonDict:
-    custom_id = request.get("custom_id") if isinstance(request, dict) else None
-    custom_id = custom_id if isinstance(custom_id, str) else None
-    return {
-        "id": f"batch_req_{_request_id(batch_id, f'line:{line}')}",
-        "custom_id": custom_id,
-        "response": None,
-        "error": problem | {"line": line},
-    }
-
-
-def _request_id(batch_id: str, custom_id: str) -> str:
-    # Deterministic, so a chunk computed twice writes identical lines.
-    return hashlib.sha256(f"{batch_id}:{custom_id}".encode()).hexdigest()[:24]
+def _crashed(what: str, times: int) -> JsonDict:
+    return problem(
+        "crashed",
+        f"{what} stopped the process running it {times} times (killed, e.g. out of memory); "
+        "the batch failed instead of being retried again.",
+    )
 
 
 def _envelope(

@@ -3,6 +3,12 @@
 With API keys on, every file and batch belongs to the key that made it (a batch's output and
 error files to the batch's key): another key gets 404 for it and never sees it in a list.
 ``owner`` is the caller's key name, None when auth is off (then everything is visible).
+Lists show the caller's own objects, read from the store's index by owner.
+
+Each key has quotas (``jobs.max_files_per_key``, ``max_stored_bytes_per_key``,
+``max_active_batches_per_key``): past one, 429 ``insufficient_quota``. Batch ``metadata`` has
+OpenAI's limits (16 pairs, keys up to 64 characters, values up to 512), so no caller can fill
+the job store through it.
 """
 
 from __future__ import annotations
@@ -15,19 +21,22 @@ from typing import BinaryIO
 from embedpipe import metrics
 from embedpipe.batches.objects import (
     COMPLETION_WINDOW_SECONDS,
+    EXPIRES_AFTER_SECONDS,
     JsonDict,
     batch_object,
+    expired,
     file_object,
     is_batch_id,
     is_file_id,
     new_batch_id,
     new_file_id,
+    now,
 )
 from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.runner import Runner
 from embedpipe.batches.storage import Storage
 from embedpipe.batches.store import JobStore
-from embedpipe.errors import InvalidInput, NotFound
+from embedpipe.errors import InvalidInput, NotFound, QuotaExceeded, TooLarge
 from embedpipe.settings import JobsSettings
 
 
@@ -53,39 +62,113 @@ class JobService:
     # -- files -----------------------------------------------------------------------------
 
     async def upload(
-        self, filename: str, purpose: str, source: BinaryIO, owner: str | None = None
+        self,
+        filename: str,
+        purpose: str,
+        source: BinaryIO,
+        owner: str | None = None,
+        expires_after_seconds: int | None = None,
     ) -> JsonDict:
+        """``expires_after_seconds``: OpenAI's ``expires_after`` (anchored at the upload);
+        None: the retention setting."""
         if purpose != "batch":
             raise InvalidInput(f"'purpose' must be \"batch\" (got {purpose!r}).", param="purpose")
+        lifetime = self._settings.file_retention_seconds
+        if expires_after_seconds is not None:
+            lifetime = check_expires_after(expires_after_seconds, "expires_after")
+        await self.sweep_expired()
+        usage = await self._store.usage(owner)
+        self._check_file_quota(usage.files + 1, usage.bytes)
+        room = self._settings.max_file_bytes
+        if self._settings.max_stored_bytes_per_key:
+            room = min(room, max(0, self._settings.max_stored_bytes_per_key - usage.bytes))
         file_id = new_file_id()
-        size = await asyncio.to_thread(
-            self._storage.save_upload, file_id, source, self._settings.max_file_bytes
+        try:
+            size = await asyncio.to_thread(self._storage.save_upload, file_id, source, room)
+        except TooLarge:
+            if room < self._settings.max_file_bytes:  # the key's storage quota, not the file
+                raise QuotaExceeded(
+                    "This file would take this API key's files past their quota of "
+                    f"{self._settings.max_stored_bytes_per_key} bytes: delete some first.",
+                    param="file",
+                    code="storage_quota_exceeded",
+                ) from None
+            raise
+        file = file_object(
+            file_id, filename[:255] or "upload.jsonl", purpose, size, owner, lifetime
         )
-        file = file_object(file_id, filename[:255] or "upload.jsonl", purpose, size, owner)
-        await self._store.put_file(file)
+        try:
+            await self._store.put_file(file)
+        except BaseException:
+            self._storage.delete_file(file_id)
+            raise
         return public(file)
+
+    def _check_file_quota(self, files: int, stored: int) -> None:
+        quota = self._settings
+        if quota.max_files_per_key and files > quota.max_files_per_key:
+            raise QuotaExceeded(
+                f"This API key holds {quota.max_files_per_key} files, its quota: delete some "
+                "before uploading more.",
+                param="file",
+                code="file_quota_exceeded",
+            )
+        if quota.max_stored_bytes_per_key and stored >= quota.max_stored_bytes_per_key:
+            raise QuotaExceeded(
+                f"This API key's files take {stored} bytes, its quota is "
+                f"{quota.max_stored_bytes_per_key}: delete some before uploading more.",
+                param="file",
+                code="storage_quota_exceeded",
+            )
 
     async def file(self, file_id: str, owner: str | None = None) -> JsonDict:
         file = await self._store.get_file(file_id) if is_file_id(file_id) else None
+        if file is not None and expired(file):
+            await self._remove_file(file_id)
+            file = None
         if file is None or not visible(file, owner):
             raise NotFound(f"No such file: '{file_id}'.", param="file_id")
         return public(file)
+
+    async def sweep_expired(self, limit: int = 100) -> int:
+        """Delete up to ``limit`` files past their ``expires_at`` (run at each upload and
+        listing, so the store never grows with files nobody may read)."""
+        ids = await self._store.expired_files(now(), limit)
+        for file_id in ids:
+            await self._remove_file(file_id)
+        return len(ids)
+
+    async def _remove_file(self, file_id: str) -> None:
+        await self._store.delete_file(file_id)
+        await asyncio.to_thread(self._storage.delete_file, file_id)
 
     async def file_path(self, file_id: str, owner: str | None = None) -> Path:
         await self.file(file_id, owner)
         return self._storage.file_path(file_id)
 
+    async def open_file(self, file_id: str, owner: str | None = None) -> BinaryIO:
+        """The file's bytes, opened: a delete that races the download unlinks the name, and
+        the open file reads on to its end (NotFound when it is gone already)."""
+        path = await self.file_path(file_id, owner)
+        try:
+            return await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"No such file: '{file_id}'.", param="file_id") from None
+
     async def delete_file(self, file_id: str, owner: str | None = None) -> JsonDict:
         await self.file(file_id, owner)
-        await self._store.delete_file(file_id)
-        self._storage.delete_file(file_id)
+        await self._remove_file(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
     async def files(
         self, purpose: str | None, after: str | None, limit: int, owner: str | None = None
     ) -> list[JsonDict]:
+        await self.sweep_expired()
+
         async def page(start: str | None, size: int) -> list[JsonDict]:
-            return await self._store.list_files(purpose, start, size)
+            files = await self._store.list_files(purpose, start, size, owner)
+            # Past the sweep's share: expired files are not shown, though still stored.
+            return [file | {"_expired": True} if expired(file) else file for file in files]
 
         return await _visible_page(page, after, limit, owner)
 
@@ -98,6 +181,7 @@ class JobService:
         completion_window: str,
         metadata: dict[str, str] | None,
         owner: str | None = None,
+        output_expires_after_seconds: int | None = None,
     ) -> JsonDict:
         if endpoint != "/v1/embeddings":
             raise InvalidInput(
@@ -108,11 +192,22 @@ class JobService:
                 f"'completion_window' must be one of {sorted(COMPLETION_WINDOW_SECONDS)}.",
                 param="completion_window",
             )
+        check_metadata(metadata)
         file = await self.file(input_file_id, owner)
         if file["purpose"] != "batch":
             raise InvalidInput(
                 f"File '{input_file_id}' has purpose {file['purpose']!r}, not \"batch\".",
                 param="input_file_id",
+            )
+        active = (await self._store.usage(owner)).active_batches
+        if self._settings.max_active_batches_per_key and (
+            active >= self._settings.max_active_batches_per_key
+        ):
+            raise QuotaExceeded(
+                f"This API key has {active} batches running, its quota: wait for one to end "
+                "or cancel one.",
+                param="input_file_id",
+                code="batch_quota_exceeded",
             )
         batch = batch_object(
             new_batch_id(),
@@ -122,6 +217,10 @@ class JobService:
             self._settings.expire_after_seconds,
             owner,
         )
+        if output_expires_after_seconds is not None:
+            batch["_output_lifetime"] = check_expires_after(
+                output_expires_after_seconds, "output_expires_after"
+            )
         await self._store.put_batch(batch)
         await self._runner.submit(batch["id"])
         metrics.JOBS_SUBMITTED.inc()
@@ -144,7 +243,10 @@ class JobService:
     async def batches(
         self, after: str | None, limit: int, owner: str | None = None
     ) -> list[JsonDict]:
-        return await _visible_page(self._store.list_batches, after, limit, owner)
+        async def page(start: str | None, size: int) -> list[JsonDict]:
+            return await self._store.list_batches(start, size, owner)
+
+        return await _visible_page(page, after, limit, owner)
 
     async def cancel(self, batch_id: str, owner: str | None = None) -> JsonDict:
         batch = await self.batch(batch_id, owner)
@@ -156,6 +258,44 @@ class JobService:
                 param="batch_id",
             )
         return await self.batch(batch_id, owner)
+
+
+METADATA_PAIRS = 16
+METADATA_KEY_CHARS = 64
+METADATA_VALUE_CHARS = 512
+
+
+def check_expires_after(seconds: int, param: str) -> int:
+    low, high = EXPIRES_AFTER_SECONDS
+    if not low <= seconds <= high:
+        raise InvalidInput(
+            f"'{param}.seconds' must be between {low} and {high} (got {seconds}).", param=param
+        )
+    return seconds
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's limits on a batch's ``metadata``; InvalidInput past one."""
+    if metadata is None:
+        return
+    if len(metadata) > METADATA_PAIRS:
+        raise InvalidInput(
+            f"'metadata' holds {len(metadata)} pairs; at most {METADATA_PAIRS} are allowed.",
+            param="metadata",
+        )
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY_CHARS:
+            raise InvalidInput(
+                f"A 'metadata' key is {len(key)} characters long; at most "
+                f"{METADATA_KEY_CHARS} are allowed.",
+                param="metadata",
+            )
+        if len(value) > METADATA_VALUE_CHARS:
+            raise InvalidInput(
+                f"'metadata' value of {key[:64]!r} is {len(value)} characters long; at most "
+                f"{METADATA_VALUE_CHARS} are allowed.",
+                param="metadata",
+            )
 
 
 def visible(item: JsonDict, owner: str | None) -> bool:
@@ -175,7 +315,9 @@ async def _visible_page(
     shown: list[JsonDict] = []
     while len(shown) < limit:
         items = await page(after, limit)
-        shown += [public(item) for item in items if visible(item, owner)]
+        shown += [
+            public(item) for item in items if visible(item, owner) and not item.get("_expired")
+        ]
         if len(items) < limit:
             break
         after = items[-1]["id"]

@@ -6,14 +6,16 @@ file and a retried writer never leaves two.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
 from embedpipe.batches.objects import is_batch_id, is_file_id
-from embedpipe.errors import TooLarge
+from embedpipe.errors import StorageFull, TooLarge
 
 
 class Storage:
@@ -47,18 +49,25 @@ class Storage:
                         raise TooLarge(f"The file is larger than {max_bytes} bytes.", param="file")
                     out.write(block)
             os.replace(temp, target)
-        except BaseException:
+        except BaseException as exc:
             Path(temp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull("There is no room left for files; try again later.") from exc
             raise
         return size
 
     def delete_file(self, file_id: str) -> None:
         self.file_path(file_id).unlink(missing_ok=True)
 
+    def remove_batch_dir(self, batch_id: str) -> None:
+        """Remove a batch's working files (chunks in and out): blocking."""
+        shutil.rmtree(self.batch_dir(batch_id), ignore_errors=True)
 
-def write_atomically(path: Path, lines: Iterable[bytes]) -> None:
+
+def write_atomically(path: Path, lines: Iterable[bytes], make_parents: bool = True) -> None:
     """Write ``lines`` (each ending in a newline) to ``path`` all at once or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         with os.fdopen(handle, "wb") as out:

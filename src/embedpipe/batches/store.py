@@ -5,6 +5,8 @@
     └── RedisJobStore    distributed: the broker Redis (never the evicting cache Redis),
                          shared by every API replica and Celery worker
 
+A write refused for want of room raises ``StorageFull`` (507), never the driver's error.
+
 Chunk completion is idempotent: a chunk counts once however often its task runs, which is
 what makes a retried or duplicated task harmless.
 """
@@ -17,12 +19,22 @@ from typing import Protocol
 
 from embedpipe.batches.objects import JsonDict
 
+# The run index of a batch's validation (chunks are 0, 1, ...).
+PREPARE_RUN = -1
+
 
 @dataclass(frozen=True, slots=True)
 class ChunkCounts:
     done: int  # chunks committed (or skipped after a cancel)
     completed: int  # requests that succeeded in those chunks
     failed: int  # requests that failed in those chunks
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    files: int
+    bytes: int
+    active_batches: int
 
 
 class JobStore(Protocol):
@@ -33,9 +45,14 @@ class JobStore(Protocol):
     async def delete_file(self, file_id: str) -> bool: ...
 
     async def list_files(
-        self, purpose: str | None, after: str | None, limit: int
+        self, purpose: str | None, after: str | None, limit: int, owner: str | None = None
     ) -> list[JsonDict]:
-        """Newest first, starting after the id ``after``."""
+        """Newest first, starting after the id ``after``; with ``owner``, only that key's
+        (read from an index by owner: one key's many files cost another key nothing)."""
+        ...
+
+    async def expired_files(self, at: int, limit: int) -> list[str]:
+        """Ids of up to ``limit`` files whose ``expires_at`` is ``at`` or earlier."""
         ...
 
     async def put_batch(self, batch: JsonDict) -> None: ...
@@ -52,7 +69,13 @@ class JobStore(Protocol):
         """Set the status (and fields) only if the current status is in ``allowed_from``."""
         ...
 
-    async def list_batches(self, after: str | None, limit: int) -> list[JsonDict]: ...
+    async def list_batches(
+        self, after: str | None, limit: int, owner: str | None = None
+    ) -> list[JsonDict]: ...
+
+    async def usage(self, owner: str | None) -> Usage:
+        """What ``owner`` (None: the objects made with auth off) holds now."""
+        ...
 
     async def active_batch_ids(self) -> list[str]: ...
 
@@ -63,6 +86,15 @@ class JobStore(Protocol):
     async def chunk_done(self, batch_id: str, index: int) -> bool: ...
 
     async def chunk_counts(self, batch_id: str) -> ChunkCounts: ...
+
+    async def begin_run(self, batch_id: str, index: int) -> int:
+        """Record that a run of chunk ``index`` (``PREPARE_RUN``: the validation) starts;
+        the number of its earlier runs that never ended (their process died)."""
+        ...
+
+    async def end_run(self, batch_id: str, index: int) -> None:
+        """The run ended (done or failed, not killed): forget its earlier runs."""
+        ...
 
     async def claim_finalize(self, batch_id: str) -> bool:
         """True for exactly one caller per batch: the one that assembles the output."""

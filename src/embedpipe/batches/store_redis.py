@@ -3,19 +3,26 @@ evicted the way cache entries are.
 
 A batch is a hash with one JSON-encoded field per top-level attribute, so concurrent writers
 (an API replica cancelling, a worker finalising) touch only their own fields; status changes
-are compare-and-set in one Lua script.
+are compare-and-set in one Lua script. Files and batches are also indexed by owner (a sorted
+set per API key, '' for those made with auth off) with a byte counter per owner, for lists and
+quotas that never walk another key's objects.
+
+A broker Redis at ``maxmemory`` refuses writes (``noeviction``): that is ``StorageFull``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from embedpipe.batches.objects import ACTIVE_STATUSES, JsonDict
-from embedpipe.batches.store import ChunkCounts
+from embedpipe.batches.store import ChunkCounts, Usage
+from embedpipe.errors import StorageFull
 
 # KEYS: batch hash, active set. ARGV: new status (JSON), batch id, is-active flag,
 # allowed statuses (JSON array of JSON strings), then field/value pairs.
@@ -52,12 +59,21 @@ class RedisJobStore:
     def _key(self, *parts: str) -> str:
         return ":".join((self._prefix, *parts))
 
+    def _owner_key(self, kind: str, owner: str | None) -> str:
+        return self._key(kind, "owner", owner or "")
+
     async def put_file(self, file: JsonDict) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._key("file", file["id"]), json.dumps(file))
-            pipe.zadd(self._key("files"), {file["id"]: file["created_at"]})
-            pipe.zadd(self._key("files", file["purpose"]), {file["id"]: file["created_at"]})
-            await pipe.execute()
+        owner = file.get("_owner")
+        with _full_is_storage_full():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key("file", file["id"]), json.dumps(file))
+                pipe.zadd(self._key("files"), {file["id"]: file["created_at"]})
+                pipe.zadd(self._key("files", file["purpose"]), {file["id"]: file["created_at"]})
+                pipe.zadd(self._owner_key("files", owner), {file["id"]: file["created_at"]})
+                pipe.hincrby(self._owner_key("bytes", owner), file["id"], int(file["bytes"]))
+                if file.get("expires_at") is not None:
+                    pipe.zadd(self._key("files", "expiry"), {file["id"]: file["expires_at"]})
+                await pipe.execute()
 
     async def get_file(self, file_id: str) -> JsonDict | None:
         raw = await self._redis.get(self._key("file", file_id))
@@ -67,12 +83,22 @@ class RedisJobStore:
         file = await self.get_file(file_id)
         if file is None:
             return False
+        owner = file.get("_owner")
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._key("file", file_id))
             pipe.zrem(self._key("files"), file_id)
             pipe.zrem(self._key("files", file["purpose"]), file_id)
+            pipe.zrem(self._owner_key("files", owner), file_id)
+            pipe.hdel(self._owner_key("bytes", owner), file_id)
+            pipe.zrem(self._key("files", "expiry"), file_id)
             await pipe.execute()
         return True
+
+    async def expired_files(self, at: int, limit: int) -> list[str]:
+        ids: Any = await self._redis.zrangebyscore(
+            self._key("files", "expiry"), "-inf", at, start=0, num=limit
+        )
+        return [_text(item) for item in ids]
 
     async def _page(self, index_key: str, after: str | None, limit: int) -> list[str]:
         start = 0
@@ -85,22 +111,38 @@ class RedisJobStore:
         return [_text(item) for item in ids]
 
     async def list_files(
-        self, purpose: str | None, after: str | None, limit: int
+        self, purpose: str | None, after: str | None, limit: int, owner: str | None = None
     ) -> list[JsonDict]:
-        index = self._key("files", purpose) if purpose else self._key("files")
-        ids = await self._page(index, after, limit)
-        if not ids:
-            return []
-        raws = await self._redis.mget([self._key("file", file_id) for file_id in ids])
-        return [_load(raw) for raw in raws if raw]
+        if owner is None:
+            index = self._key("files", purpose) if purpose else self._key("files")
+        else:
+            index = self._owner_key("files", owner)
+        found: list[JsonDict] = []
+        while len(found) < limit:
+            ids = await self._page(index, after, limit)
+            if not ids:
+                break
+            raws = await self._redis.mget([self._key("file", file_id) for file_id in ids])
+            files = [_load(raw) for raw in raws if raw]
+            # The owner's index holds every purpose: the others are skipped here.
+            found += [f for f in files if owner is None or not purpose or f["purpose"] == purpose]
+            if len(ids) < limit:
+                break
+            after = ids[-1]
+        return found[:limit]
 
     async def put_batch(self, batch: JsonDict) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key("batch", batch["id"]), mapping=_encode(batch))
-            pipe.zadd(self._key("batches"), {batch["id"]: batch["created_at"]})
-            if batch["status"] in ACTIVE_STATUSES:
-                pipe.sadd(self._key("batches", "active"), batch["id"])
-            await pipe.execute()
+        with _full_is_storage_full():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._key("batch", batch["id"]), mapping=_encode(batch))
+                pipe.zadd(self._key("batches"), {batch["id"]: batch["created_at"]})
+                pipe.zadd(
+                    self._owner_key("batches", batch.get("_owner")),
+                    {batch["id"]: batch["created_at"]},
+                )
+                if batch["status"] in ACTIVE_STATUSES:
+                    pipe.sadd(self._key("batches", "active"), batch["id"])
+                await pipe.execute()
 
     async def get_batch(self, batch_id: str) -> JsonDict | None:
         raw = await self._redis.hgetall(self._key("batch", batch_id))
@@ -110,37 +152,58 @@ class RedisJobStore:
         if "status" in fields:
             raise ValueError("status changes go through transition()")
         if await self._redis.exists(self._key("batch", batch_id)):
-            await self._redis.hset(self._key("batch", batch_id), mapping=_encode(fields))
+            with _full_is_storage_full():
+                await self._redis.hset(self._key("batch", batch_id), mapping=_encode(fields))
 
     async def transition(
         self, batch_id: str, to: str, allowed_from: Sequence[str], fields: JsonDict | None = None
     ) -> bool:
         pairs = [item for pair in _encode(fields or {}).items() for item in pair]
-        changed = await self._transition(
-            keys=[self._key("batch", batch_id), self._key("batches", "active")],
-            args=[
-                json.dumps(to),
-                batch_id,
-                "1" if to in ACTIVE_STATUSES else "0",
-                json.dumps([json.dumps(status) for status in allowed_from]),
-                *pairs,
-            ],
-        )
+        with _full_is_storage_full():
+            changed = await self._transition(
+                keys=[self._key("batch", batch_id), self._key("batches", "active")],
+                args=[
+                    json.dumps(to),
+                    batch_id,
+                    "1" if to in ACTIVE_STATUSES else "0",
+                    json.dumps([json.dumps(status) for status in allowed_from]),
+                    *pairs,
+                ],
+            )
         return bool(changed)
 
-    async def list_batches(self, after: str | None, limit: int) -> list[JsonDict]:
-        ids = await self._page(self._key("batches"), after, limit)
+    async def list_batches(
+        self, after: str | None, limit: int, owner: str | None = None
+    ) -> list[JsonDict]:
+        index = self._key("batches") if owner is None else self._owner_key("batches", owner)
+        ids = await self._page(index, after, limit)
         found = [await self.get_batch(batch_id) for batch_id in ids]
         return [batch for batch in found if batch is not None]
+
+    async def usage(self, owner: str | None) -> Usage:
+        files: Any = await self._redis.zcard(self._owner_key("files", owner))
+        sizes: Any = await self._redis.hvals(self._owner_key("bytes", owner))
+        active = await self.active_batch_ids()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for batch_id in active:
+                pipe.hget(self._key("batch", batch_id), "_owner")
+            owners = await pipe.execute() if active else []
+        mine = json.dumps(owner)
+        return Usage(
+            files=int(files),
+            bytes=sum(int(size) for size in sizes),
+            active_batches=sum(1 for found in owners if found and _text(found) == mine),
+        )
 
     async def active_batch_ids(self) -> list[str]:
         members = await self._redis.smembers(self._key("batches", "active"))
         return sorted(_text(member) for member in members)
 
     async def commit_chunk(self, batch_id: str, index: int, completed: int, failed: int) -> bool:
-        added = await self._redis.hsetnx(
-            self._key("batch", batch_id, "chunks"), str(index), f"{completed}:{failed}"
-        )
+        with _full_is_storage_full():
+            added = await self._redis.hsetnx(
+                self._key("batch", batch_id, "chunks"), str(index), f"{completed}:{failed}"
+            )
         return bool(added)
 
     async def chunk_done(self, batch_id: str, index: int) -> bool:
@@ -155,11 +218,26 @@ class RedisJobStore:
             failed += int(bad)
         return ChunkCounts(done=len(chunks), completed=completed, failed=failed)
 
+    async def begin_run(self, batch_id: str, index: int) -> int:
+        started = await self._redis.hincrby(self._key("batch", batch_id, "runs"), str(index), 1)
+        return int(started) - 1
+
+    async def end_run(self, batch_id: str, index: int) -> None:
+        await self._redis.hdel(self._key("batch", batch_id, "runs"), str(index))
+
     async def claim_finalize(self, batch_id: str) -> bool:
         return bool(await self._redis.hsetnx(self._key("batch", batch_id), "_finalize", "1"))
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+@contextmanager
+def _full_is_storage_full() -> Iterator[None]:
+    try:
+        yield
+    except OutOfMemoryError as exc:
+        raise StorageFull("The job store is full; try again later.") from exc
 
 
 def _encode(fields: JsonDict) -> dict[Any, str]:

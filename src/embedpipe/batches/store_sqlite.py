@@ -1,9 +1,15 @@
-"""The embedded job store: SQLite under the data dir (one server process owns it)."""
+"""The embedded job store: SQLite under the data dir (one server process owns it).
+
+The database holds every batch's metadata and errors, so it is the owner's alone (0600, as
+are the ``-wal`` and ``-shm`` files SQLite creates with the database's mode). Files and
+batches are indexed by owner: listing one key's objects never walks another's.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -11,7 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from embedpipe.batches.objects import ACTIVE_STATUSES, JsonDict
-from embedpipe.batches.store import ChunkCounts
+from embedpipe.batches.store import ChunkCounts, Usage
+from embedpipe.errors import StorageFull
 
 T = TypeVar("T")
 
@@ -24,30 +31,77 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS chunks (
     batch_id TEXT NOT NULL, idx INTEGER NOT NULL, completed INTEGER NOT NULL,
     failed INTEGER NOT NULL, PRIMARY KEY (batch_id, idx));
+CREATE TABLE IF NOT EXISTS runs (
+    batch_id TEXT NOT NULL, idx INTEGER NOT NULL, started INTEGER NOT NULL,
+    PRIMARY KEY (batch_id, idx));
 """
+
+# Owner ('' = made with auth off) and size as columns, added to a database of an older version
+# and filled from the documents.
+_COLUMNS = {
+    "files": (
+        ("owner", "TEXT NOT NULL DEFAULT ''", "COALESCE(json_extract(doc, '$._owner'), '')"),
+        ("bytes", "INTEGER NOT NULL DEFAULT 0", "COALESCE(json_extract(doc, '$.bytes'), 0)"),
+        ("expires_at", "INTEGER", "json_extract(doc, '$.expires_at')"),
+    ),
+    "batches": (
+        ("owner", "TEXT NOT NULL DEFAULT ''", "COALESCE(json_extract(doc, '$._owner'), '')"),
+    ),
+}
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS files_by_owner ON files (owner, created_at, id);
+CREATE INDEX IF NOT EXISTS files_by_expiry ON files (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS batches_by_owner ON batches (owner, created_at, id);
+CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status);
+"""
+_PRIVATE = 0o600
 
 
 class SqliteJobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it (whatever the umask), and made so if older.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, _PRIVATE))
+        os.chmod(path, _PRIVATE)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        _add_columns(self._db)
+        self._db.executescript(_INDEXES)
+        for suffix in ("-wal", "-shm"):  # left by an older version with the umask's mode
+            extra = path.with_name(path.name + suffix)
+            if extra.exists():
+                os.chmod(extra, _PRIVATE)
         self._lock = threading.Lock()
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
             with self._lock:
-                return work(self._db)
+                try:
+                    return work(self._db)
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                        raise StorageFull("The job store is full; try again later.") from exc
+                    raise
 
         return await asyncio.to_thread(locked)
 
     async def put_file(self, file: JsonDict) -> None:
         await self._run(
             lambda db: db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
-                (file["id"], file["created_at"], file["purpose"], json.dumps(file)),
+                "INSERT OR REPLACE INTO files "
+                "(id, created_at, purpose, doc, owner, bytes, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    file["id"],
+                    file["created_at"],
+                    file["purpose"],
+                    json.dumps(file),
+                    file.get("_owner") or "",
+                    file["bytes"],
+                    file.get("expires_at"),
+                ),
             )
         )
 
@@ -64,19 +118,37 @@ class SqliteJobStore:
         return cursor.rowcount > 0
 
     async def list_files(
-        self, purpose: str | None, after: str | None, limit: int
+        self, purpose: str | None, after: str | None, limit: int, owner: str | None = None
     ) -> list[JsonDict]:
-        where, args = ("purpose = ?", [purpose]) if purpose else ("1=1", [])
+        where, args = _owned(owner)
+        if purpose:
+            where, args = f"{where} AND purpose = ?", [*args, purpose]
         rows = await self._run(
             lambda db: _newest_first(db, "files", "doc", where, args, after, limit)
         )
         return [_load(row[0]) for row in rows]
 
+    async def expired_files(self, at: int, limit: int) -> list[str]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+                (at, limit),
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
     async def put_batch(self, batch: JsonDict) -> None:
         await self._run(
             lambda db: db.execute(
-                "INSERT OR REPLACE INTO batches (id, created_at, status, doc) VALUES (?, ?, ?, ?)",
-                (batch["id"], batch["created_at"], batch["status"], json.dumps(batch)),
+                "INSERT OR REPLACE INTO batches (id, created_at, status, doc, owner) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    batch["id"],
+                    batch["created_at"],
+                    batch["status"],
+                    json.dumps(batch),
+                    batch.get("_owner") or "",
+                ),
             )
         )
 
@@ -113,11 +185,30 @@ class SqliteJobStore:
 
         return await self._run(update)
 
-    async def list_batches(self, after: str | None, limit: int) -> list[JsonDict]:
+    async def list_batches(
+        self, after: str | None, limit: int, owner: str | None = None
+    ) -> list[JsonDict]:
+        where, args = _owned(owner)
         rows = await self._run(
-            lambda db: _newest_first(db, "batches", "doc, status", "1=1", [], after, limit)
+            lambda db: _newest_first(db, "batches", "doc, status", where, args, after, limit)
         )
         return [{**_load(doc), "status": status} for doc, status in rows]
+
+    async def usage(self, owner: str | None) -> Usage:
+        marks = ",".join("?" * len(ACTIVE_STATUSES))
+
+        def count(db: sqlite3.Connection) -> Usage:
+            files, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM files WHERE owner = ?",
+                (owner or "",),
+            ).fetchone()
+            (active,) = db.execute(
+                f"SELECT COUNT(*) FROM batches WHERE owner = ? AND status IN ({marks})",
+                (owner or "", *ACTIVE_STATUSES),
+            ).fetchone()
+            return Usage(files=files, bytes=size, active_batches=active)
+
+        return await self._run(count)
 
     async def active_batch_ids(self) -> list[str]:
         marks = ",".join("?" * len(ACTIVE_STATUSES))
@@ -156,6 +247,23 @@ class SqliteJobStore:
         )
         return ChunkCounts(done=row[0], completed=row[1], failed=row[2])
 
+    async def begin_run(self, batch_id: str, index: int) -> int:
+        row = await self._run(
+            lambda db: db.execute(
+                "INSERT INTO runs VALUES (?, ?, 1) ON CONFLICT (batch_id, idx) "
+                "DO UPDATE SET started = started + 1 RETURNING started",
+                (batch_id, index),
+            ).fetchone()
+        )
+        return int(row[0]) - 1
+
+    async def end_run(self, batch_id: str, index: int) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "DELETE FROM runs WHERE batch_id = ? AND idx = ?", (batch_id, index)
+            )
+        )
+
     async def claim_finalize(self, batch_id: str) -> bool:
         cursor = await self._run(
             lambda db: db.execute(
@@ -167,6 +275,20 @@ class SqliteJobStore:
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    for table, columns in _COLUMNS.items():
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, declaration, fill in columns:
+            if name not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+                db.execute(f"UPDATE {table} SET {name} = {fill}")
+
+
+def _owned(owner: str | None) -> tuple[str, list[Any]]:
+    """The WHERE clause of one owner's rows (None: every row, auth is off)."""
+    return ("owner = ?", [owner]) if owner is not None else ("1=1", [])
 
 
 def _load(doc: str) -> JsonDict:

@@ -6,34 +6,63 @@ store and a processor. Both take the ``Runtime`` that ``Runtime.open`` built.
 
 from __future__ import annotations
 
+import logging
 from contextlib import AsyncExitStack
 from typing import Any
 
-from embedpipe.batches.processor import BatchProcessor
+from embedpipe.batches.budget import BatchBudget
+from embedpipe.batches.processor import BatchProcessor, when_there_is_room
 from embedpipe.batches.runner import CeleryRunner, InProcessRunner, Runner
 from embedpipe.batches.service import JobService
 from embedpipe.batches.storage import Storage
 from embedpipe.batches.store import JobStore
 from embedpipe.batches.store_redis import RedisJobStore
 from embedpipe.batches.store_sqlite import SqliteJobStore
-from embedpipe.operations.openai_embeddings import EmbeddingRequest, create_embeddings
+from embedpipe.operations.openai_embeddings import EmbeddingRequest, prepare, respond
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
+from embedpipe.tenancy import current_tenant
+
+log = logging.getLogger("embedpipe.batches")
 
 
 def open_store(settings: Settings) -> JobStore:
     if settings.distributed:
         # The broker Redis (noeviction): job state must never be evicted like cache entries.
+        if not settings.broker_url:
+            log.warning(
+                "batch jobs and files are kept in the cache Redis (EMBEDPIPE_REDIS_URL), as "
+                "EMBEDPIPE_BROKER_URL is unset: a cache Redis that evicts (allkeys-lru/lfu, as "
+                "production configures it) loses batches, files and queued chunks. Set "
+                "EMBEDPIPE_BROKER_URL to a Redis with maxmemory-policy noeviction."
+            )
         return RedisJobStore.from_url(settings.effective_broker_url, settings.cache.namespace)
     return SqliteJobStore(settings.data_dir / "jobs.sqlite3")
 
 
 def new_processor(settings: Settings, runtime: Runtime, store: JobStore) -> BatchProcessor:
-    """A processor whose lines are answered by the same operation as ``/v1/embeddings``."""
+    """A processor whose lines are answered by the same operation as ``/v1/embeddings``,
+    charged to their key's batch budget and computed as background work (online requests
+    go first)."""
     service, decoder, limits = runtime.service, runtime.token_decoder, settings.limits
+    budget = BatchBudget.from_settings(runtime.limiter, settings)
 
     async def embed(request: EmbeddingRequest) -> dict[str, Any]:
-        return await create_embeddings(service, decoder, limits, request)
+        prepared = prepare(service, decoder, limits, request)
+        tokens = await service.count_tokens(prepared.model, prepared.texts)
+        # The chunk runs as its batch's owner (tenancy.serving_tenant): that key pays.
+        await budget.charge(current_tenant(), sum(tokens))
+        # Waits for room here, after the charge: a full queue must not charge it again.
+        result = await when_there_is_room(
+            lambda: service.embed(
+                prepared.model,
+                prepared.texts,
+                tokens,
+                dimensions=prepared.dimensions,
+                background=True,
+            )
+        )
+        return respond(prepared, result)
 
     return BatchProcessor(store, Storage(settings.data_dir), settings.jobs, embed)
 

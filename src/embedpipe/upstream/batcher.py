@@ -77,10 +77,16 @@ class UpstreamBatcher:
         await self._client.close()
 
     def submit(
-        self, texts: Sequence[str], tokens: Sequence[int], dimensions: int | None = None
+        self,
+        texts: Sequence[str],
+        tokens: Sequence[int],
+        dimensions: int | None = None,
+        *,
+        background: bool = False,
     ) -> list[PendingText]:
         """Queue texts for upstream calls of vectors of ``dimensions`` (None: full size), all
-        or none: a full queue raises Overloaded."""
+        or none: a full queue raises Overloaded. ``background`` is accepted but not yet used:
+        batch texts queue for an upstream like online ones."""
         if self._closed:
             raise NotReady("the server is shutting down")
         if self._queued + len(texts) > self._settings.max_queue_texts:
