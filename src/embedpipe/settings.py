@@ -126,6 +126,9 @@ class UpstreamSettings(BaseModel):
     # Full-jitter exponential backoff between attempts; Retry-After wins when it is longer.
     retry_base_seconds: float = Field(0.25, gt=0)
     retry_max_seconds: float = Field(8.0, gt=0)
+    # An upstream 429 whose Retry-After is at most this long is waited out and retried; a
+    # longer one answers the client 429 at once, with the upstream's Retry-After.
+    max_retry_wait_seconds: float = Field(5.0, ge=0)
     # Consecutive failed attempts (5xx, timeouts, refused connections) that open the breaker,
     # and how long it stays open before one probe call may go.
     breaker_failures: int = Field(5, ge=1)
