@@ -57,7 +57,8 @@ HTTP_DURATION = Histogram(
 # --- the service, cache and batcher ---
 EMBEDDINGS = Counter(
     "embedpipe_embeddings",
-    "Embeddings served, by where the vector came from (l1, l2 or computed).",
+    "Embeddings served, by where the vector came from: l1, l2, shared (joined a computation "
+    "already in flight for another request) or computed. Saved work = l1 + l2 + shared.",
     ["model", "source"],
 )
 CACHE_ERRORS = Counter(

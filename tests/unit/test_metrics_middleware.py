@@ -140,20 +140,30 @@ def test_traffic_window_quantiles_hit_ratio_and_timeline() -> None:
     for i in range(100):  # 1 ms .. 100 ms
         window.record((i + 1) / 1000, 200, inputs=2, cache_hits=1)
     window.record(0.5, 503, inputs=1, cache_hits=0)
+    window.record(0.002, 200, inputs=4, cache_hits=0, shared=3)  # joined work in flight
     clock.now += 20
     snapshot = window.snapshot()
     recent = snapshot["recent"]
-    assert recent["requests"] == 101 and recent["errors"] == 1
-    assert recent["hit_ratio"] == round(100 / 201, 4)
+    assert recent["requests"] == 102 and recent["errors"] == 1
+    # Saved work: cache hits and shared computations alike.
+    assert recent["hit_ratio"] == round((100 + 3) / 205, 4)
+    assert (recent["cache_hits"], recent["shared"]) == (100, 3)
     # Bucketed quantiles are within one bucket (19%) of the exact ones.
     assert 50 / 1.19 <= recent["p50_ms"] <= 51 * 1.19
     assert 95 / 1.19 <= recent["p95_ms"] <= 96 * 1.19
     assert 99 / 1.19 <= recent["p99_ms"] <= 500
     timeline = snapshot["timeline"]
     assert len(timeline) == 12  # gaps are filled with empty slots
-    assert [point["requests"] for point in timeline[-5:]] == [101, 0, 0, 0, 0]
-    assert timeline[-5]["queue_depth"] == 100  # the max sampled in that slot (0..100)
+    assert [point["requests"] for point in timeline[-5:]] == [102, 0, 0, 0, 0]
+    assert timeline[-5]["queue_depth"] == 101  # the max sampled in that slot (0..101)
+    assert timeline[-5]["shared"] == 3
     assert timeline[-1]["p95_ms"] is None
-    assert snapshot["totals"] == {"requests": 101, "errors": 1, "inputs": 201, "cache_hits": 100}
+    assert snapshot["totals"] == {
+        "requests": 102,
+        "errors": 1,
+        "inputs": 205,
+        "cache_hits": 100,
+        "shared": 3,
+    }
     clock.now += 120  # older than "recent"
     assert window.snapshot()["recent"]["requests"] == 0

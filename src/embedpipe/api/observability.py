@@ -49,6 +49,7 @@ class _Slot:
     errors: int = 0
     inputs: int = 0
     cache_hits: int = 0
+    shared: int = 0  # joined a computation in flight: saved work, like a hit
     queue_depth: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * (len(_LATENCY_BOUNDS) + 1))
 
@@ -87,7 +88,7 @@ class TrafficWindow:
         self._slots: deque[_Slot] = deque(maxlen=slots)
         self._clock = clock
         self._queue_depth: Callable[[], int] = lambda: 0
-        self.totals = {"requests": 0, "errors": 0, "inputs": 0, "cache_hits": 0}
+        self.totals = {"requests": 0, "errors": 0, "inputs": 0, "cache_hits": 0, "shared": 0}
 
     def watch_queue(self, probe: Callable[[], int]) -> None:
         """Sample the batcher's queue depth with ``probe`` at each request and each snapshot."""
@@ -101,17 +102,25 @@ class TrafficWindow:
         slot.queue_depth = max(slot.queue_depth, self._queue_depth())
         return slot
 
-    def record(self, seconds: float, status: int, inputs: int, cache_hits: int) -> None:
+    def record(
+        self, seconds: float, status: int, inputs: int, cache_hits: int, shared: int = 0
+    ) -> None:
         slot = self._current()
         error = int(status >= 500)
         slot.requests += 1
         slot.errors += error
         slot.inputs += inputs
         slot.cache_hits += cache_hits
+        slot.shared += shared
         slot.latency[bisect.bisect_left(_LATENCY_BOUNDS, seconds)] += 1
-        for key, value in (("requests", 1), ("errors", error), ("inputs", inputs)):
+        for key, value in (
+            ("requests", 1),
+            ("errors", error),
+            ("inputs", inputs),
+            ("cache_hits", cache_hits),
+            ("shared", shared),
+        ):
             self.totals[key] += value
-        self.totals["cache_hits"] += cache_hits
 
     def snapshot(self, recent_seconds: float = 60.0) -> dict[str, Any]:
         """Totals, the last ``recent_seconds`` summed up, and one point per slot (gaps filled)."""
@@ -128,6 +137,7 @@ class TrafficWindow:
                     "errors": slot.errors,
                     "inputs": slot.inputs,
                     "cache_hits": slot.cache_hits,
+                    "shared": slot.shared,
                     "queue_depth": slot.queue_depth,
                     "p50_ms": _ms(_quantile(slot.latency, 0.50)),
                     "p95_ms": _ms(_quantile(slot.latency, 0.95)),
@@ -141,6 +151,7 @@ class TrafficWindow:
         requests = sum(slot.requests for slot in recent_slots)
         inputs = sum(slot.inputs for slot in recent_slots)
         hits = sum(slot.cache_hits for slot in recent_slots)
+        shared = sum(slot.shared for slot in recent_slots)
         return {
             "now": round(self._clock(), 3),
             "slot_seconds": self.slot_seconds,
@@ -151,7 +162,9 @@ class TrafficWindow:
                 "errors": sum(slot.errors for slot in recent_slots),
                 "inputs": inputs,
                 "cache_hits": hits,
-                "hit_ratio": round(hits / inputs, 4) if inputs else None,
+                "shared": shared,
+                # Work saved: cache hits and joins of a computation already in flight.
+                "hit_ratio": round((hits + shared) / inputs, 4) if inputs else None,
                 "p50_ms": _ms(_quantile(merged, 0.50)) if merged else None,
                 "p95_ms": _ms(_quantile(merged, 0.95)) if merged else None,
                 "p99_ms": _ms(_quantile(merged, 0.99)) if merged else None,
@@ -215,8 +228,9 @@ class ObservabilityMiddleware:
         observe(seconds)
         inputs = int(fields.get("inputs", 0))
         cache_hits = int(fields.get("cache_hits", 0))
+        shared = int(fields.get("shared", 0))
         if route not in _OPS_ROUTES:
-            self.traffic.record(seconds, status, inputs, cache_hits)
+            self.traffic.record(seconds, status, inputs, cache_hits, shared)
         line = {
             "request_id": scope.get("state", {}).get("request_id"),
             "method": method,
