@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
@@ -26,7 +26,7 @@ from embedpipe.api.observability import (
 )
 from embedpipe.api.openapi import install_openapi
 from embedpipe.api.security import install_security
-from embedpipe.jobs.wiring import open_job_service
+from embedpipe.batches.wiring import open_job_service
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
 
@@ -41,17 +41,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.open(settings)
-        app.state.runtime = runtime
-        app.state.jobs = jobs = await open_job_service(settings, runtime)
-        on_startup(runtime, traffic)
-        try:
+        # Each resource's close is registered as it opens: a failing step (the job store, say)
+        # still closes the models, batchers and cache opened before it, and one failing
+        # close does not skip the others.
+        async with AsyncExitStack() as resources:
+            resources.callback(on_shutdown)  # runs last
+            runtime = await Runtime.open(settings)
+            resources.push_async_callback(runtime.close)
+            jobs = await open_job_service(settings, runtime)
+            resources.push_async_callback(jobs.close)
+            app.state.runtime, app.state.jobs = runtime, jobs
+            on_startup(runtime, traffic)
             with on_shutdown_signal(runtime.start_draining, settings.drain_delay_seconds):
                 yield
-        finally:
-            await jobs.close()
-            await runtime.close()
-            on_shutdown()
 
     app = FastAPI(
         title="embedpipe",
