@@ -16,6 +16,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
+from embedpipe import metrics
 from embedpipe.batcher import Batcher, MicroBatcher
 from embedpipe.cache import TieredCache, open_cache
 from embedpipe.embedders import ModelRegistry, configure_threads, load_embedder, parse_model_specs
@@ -82,6 +83,10 @@ class Runtime:
             limiter = RateLimiter.from_settings(settings)
             stack.push_async_callback(limiter.close)
             service = EmbeddingService(registry, batchers, cache, settings.cache)
+            metrics.start_at_zero(
+                models=[(embedder.info.name, embedder.info.upstream) for embedder in registry],
+                tiers=[cache.l2.name] if cache.l2 is not None else [],
+            )
             # What is loaded now (torch, transformers, the models: ~500k objects) lives as long
             # as the process. Frozen, the cyclic GC stops walking it in every full collection,
             # which took ~0.5 s here with every request stalled behind it.

@@ -14,11 +14,13 @@ from prometheus_client import REGISTRY
 from embedpipe import logs
 from embedpipe.api.middleware import JsonByDefaultMiddleware, RequestIdMiddleware
 from embedpipe.api.observability import ObservabilityMiddleware, TrafficWindow
+from embedpipe.api.security import AuthMiddleware
+from embedpipe.auth import KeyStore
 
 SECRET_TEXT = "the input text must never reach a log line"
 
 
-def _app(traffic: TrafficWindow) -> FastAPI:
+def _app(traffic: TrafficWindow, keys: KeyStore | None = None) -> FastAPI:
     router = APIRouter(prefix="/unit")
 
     @router.post("/things")
@@ -36,6 +38,8 @@ def _app(traffic: TrafficWindow) -> FastAPI:
 
     app = FastAPI()
     app.include_router(router)
+    if keys is not None:  # as create_app orders them: the key check runs before routing
+        app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(JsonByDefaultMiddleware)
     app.add_middleware(ObservabilityMiddleware, traffic=traffic)
     app.add_middleware(RequestIdMiddleware)
@@ -81,6 +85,20 @@ async def test_unknown_routes_share_one_label_and_methods_are_bounded(
     other = _count("/unit/things", "OTHER", "405")
     assert (await client.request("BREW", "/unit/things")).status_code == 405
     assert _count("/unit/things", "OTHER", "405") == other + 1
+
+
+async def test_a_401_before_routing_still_counts_under_its_route() -> None:
+    app = _app(TrafficWindow(), keys=KeyStore.load("unit-test-key", None))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    before = _count("/unit/items/{item:path}", "GET", "401")
+    unknown = _count("unmatched", "GET", "401")
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        assert (await http.get("/unit/items/a")).status_code == 401
+        assert (await http.get("/unit/nothing-here")).status_code == 401
+        authorised = {"Authorization": "Bearer unit-test-key"}
+        assert (await http.get("/unit/items/a", headers=authorised)).status_code == 200
+    assert _count("/unit/items/{item:path}", "GET", "401") == before + 1
+    assert _count("unmatched", "GET", "401") == unknown + 1
 
 
 async def test_a_post_with_a_form_content_type_keeps_its_route_label(

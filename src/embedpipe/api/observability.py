@@ -3,7 +3,8 @@
 :class:`ObservabilityMiddleware` (pure ASGI: BaseHTTPMiddleware breaks streaming and
 cancellation) wraps every request once. It counts it in ``embedpipe_http_requests_total`` and
 ``embedpipe_http_request_duration_seconds`` under its route *template* (``/v1/models/{model:path}``,
-never the raw path; ``unmatched`` when no route matched), writes one ``embedpipe.access`` log
+never the raw path; ``unmatched`` when no route matches the path, even a request refused before
+routing such as a 401), writes one ``embedpipe.access`` log
 line, and feeds a :class:`TrafficWindow`: the last minutes of this process's traffic in small
 slots, which ``/stats`` and the ``/dashboard`` page read (where no Prometheus runs).
 """
@@ -37,9 +38,21 @@ _LATENCY_BOUNDS = tuple(0.0005 * 2 ** (i / 4) for i in range(65))
 
 
 def route_template(scope: Scope) -> str:
-    """The template of the route that served this request (set on the scope by the router)."""
+    """The template of the route that served this request (set on the scope by the router).
+    A request refused before routing (a 401 from the key check, a 413) is matched here
+    against the app's routes, as the router would have."""
     path = getattr(scope.get("route"), "path", None)
-    return path if isinstance(path, str) and path else UNMATCHED
+    if isinstance(path, str) and path:
+        return path
+    router = getattr(scope.get("app"), "router", None)
+    for route in getattr(router, "routes", ()):
+        nested = getattr(route, "effective_route_contexts", None)  # an included router
+        for candidate in nested() if callable(nested) else (route,):
+            pattern = getattr(candidate, "path_regex", None)
+            template = getattr(candidate, "path", None)
+            if pattern is not None and pattern.match(scope["path"]) and isinstance(template, str):
+                return template
+    return UNMATCHED
 
 
 @dataclass(slots=True)
@@ -255,6 +268,7 @@ def on_startup(runtime: Runtime, traffic: TrafficWindow) -> None:
     for info in models:
         queue = runtime.settings.upstream if info.upstream else runtime.settings.batching
         metrics.QUEUE_CAPACITY.labels(model=info.name).set(queue.max_queue_texts)
+    metrics.start_at_zero(jobs=True)  # the Batch API is served by every API process
     traffic.watch_queue(lambda: sum(runtime.service.queue_depth().values()))
 
 

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
+from embedpipe import metrics
 from embedpipe.batches.celery_app import create_celery, register_tasks
 from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.wiring import new_processor, open_store
@@ -80,6 +81,7 @@ def run_worker(settings: Settings, *, loglevel: str, hostname: str | None) -> No
     context = WorkerContext(settings)
     register_tasks(celery, context, settings.jobs.queue)
     name = hostname or f"embedpipe@{socket.gethostname()}.{os.getpid()}"
+    metrics.start_at_zero(jobs=True)
     context.start()
     try:
         # solo pool: the chunk runs in this process, where the model is loaded once.
