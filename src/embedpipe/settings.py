@@ -92,9 +92,11 @@ class JobsSettings(BaseModel):
     max_requests_per_batch: int = Field(50_000, ge=1)
     # Chunks computed at once by the in-process runner (they share the online batcher).
     in_process_concurrency: int = Field(2, ge=1)
-    # Redis broker: an unacknowledged chunk goes back to the queue after this long (a dead
-    # worker's work is redelivered). Must exceed the time of one chunk.
-    visibility_timeout_seconds: int = Field(600, ge=1)
+    # Redis broker: the lease of a running chunk. Its worker renews it every third of this
+    # while it lives; once it lapses (the worker died) any worker or the API re-queues the
+    # chunk. A dead worker's chunk runs again within about this long plus a sixth; a slow
+    # chunk on a live worker never runs twice. (RabbitMQ re-queues at once by itself.)
+    visibility_timeout_seconds: int = Field(30, ge=3)
     queue: str = "embedpipe"
     # `embedpipe worker` serves Prometheus /metrics (job items, chunk durations) on this port
     # at EMBEDPIPE_HOST; 0 = off.

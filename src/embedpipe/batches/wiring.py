@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 from typing import Any
 
+from embedpipe.batches.lease import is_redis_url
 from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.runner import CeleryRunner, InProcessRunner, Runner
 from embedpipe.batches.service import JobService
@@ -24,7 +25,10 @@ from embedpipe.settings import Settings
 def open_store(settings: Settings) -> JobStore:
     if settings.distributed:
         # The broker Redis (noeviction): job state must never be evicted like cache entries.
-        return RedisJobStore.from_url(settings.effective_broker_url, settings.cache.namespace)
+        # With RabbitMQ as the broker, job state lives in EMBEDPIPE_REDIS_URL's Redis.
+        broker = settings.effective_broker_url
+        url = broker if is_redis_url(broker) else settings.redis_url
+        return RedisJobStore.from_url(url, settings.cache.namespace)
     return SqliteJobStore(settings.data_dir / "jobs.sqlite3")
 
 
@@ -49,6 +53,8 @@ async def open_job_service(settings: Settings, runtime: Runtime) -> JobService:
             from embedpipe.batches.celery_app import create_celery  # celery: only when used
 
             runner = CeleryRunner(create_celery(settings), settings.jobs.queue)
+            if is_redis_url(settings.effective_broker_url):
+                runner.sweep_lapsed_leases(max(1.0, settings.jobs.visibility_timeout_seconds / 6))
         else:
             runner = InProcessRunner(processor, settings.jobs.in_process_concurrency)
         opened.push_async_callback(runner.close)
