@@ -71,20 +71,21 @@ def register_tasks(
 
     @app.task(name=PREPARE_TASK, bind=True, max_retries=10, default_retry_delay=5)  # type: ignore[untyped-decorator]
     def prepare_batch(task: Task[Any, Any], batch_id: str) -> None:
-        processor = context.processor()
-        try:
-            with held(task):
+        # Leased from the start: the first task of a worker also loads the model.
+        with held(task):
+            processor = context.processor()
+            try:
                 chunks = context.run(processor.prepare(batch_id))
-        except Exception as error:
-            raise task.retry(exc=error) from error
+            except Exception as error:
+                raise task.retry(exc=error) from error
         for index in range(chunks):
             app.send_task(CHUNK_TASK, args=[batch_id, index], queue=queue)
 
     @app.task(name=CHUNK_TASK, bind=True, max_retries=10, default_retry_delay=5)  # type: ignore[untyped-decorator]
     def run_chunk(task: Task[Any, Any], batch_id: str, index: int) -> None:
-        processor = context.processor()
-        try:
-            with held(task):
+        with held(task):
+            processor = context.processor()
+            try:
                 context.run(processor.run_chunk(batch_id, index))
-        except Exception as error:
-            raise task.retry(exc=error) from error
+            except Exception as error:
+                raise task.retry(exc=error) from error
