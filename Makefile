@@ -30,6 +30,14 @@ redis-server-bin:
 
 .PHONY: redis-server-bin
 
+# The RabbitMQ broker tests start a private node of their own (tests/rabbitmq_server.py).
+rabbitmq-server-bin:
+	@command -v rabbitmq-server >/dev/null || test -x /usr/lib/rabbitmq/bin/rabbitmq-server || { \
+	  echo "installing rabbitmq-server (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null; }
+
+.PHONY: rabbitmq-server-bin
+
 # promtool + prometheus (deploy/prometheus checks, a real scrape) and chromium (/dashboard).
 monitoring-bins:
 	@command -v promtool >/dev/null && command -v chromium >/dev/null || { \
@@ -46,7 +54,7 @@ nginx-bin:
 
 .PHONY: nginx-bin
 
-test: install redis-server-bin monitoring-bins nginx-bin  ## lint, typecheck and the whole test suite (starts a private Redis)
+test: install redis-server-bin rabbitmq-server-bin monitoring-bins nginx-bin  ## lint, typecheck and the whole test suite (starts a private Redis and RabbitMQ)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy

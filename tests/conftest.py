@@ -10,17 +10,44 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.rabbitmq_server import NO_RABBITMQ_SERVER, RabbitMqServer, find_rabbitmq_server
 from tests.redis_server import NO_REDIS_SERVER, RedisServer, find_redis_server
 
 TEST_REDIS_URL_ENV = "EMBEDPIPE_TEST_REDIS_URL"
+TEST_AMQP_URL_ENV = "EMBEDPIPE_TEST_AMQP_URL"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def require_redis_server() -> None:
     if find_redis_server() is not None:
         return
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    if _in_ci():
         pytest.fail(NO_REDIS_SERVER)
     pytest.skip(NO_REDIS_SERVER)
+
+
+def require_rabbitmq_server() -> None:
+    if find_rabbitmq_server() is not None:
+        return
+    if _in_ci():
+        pytest.fail(NO_RABBITMQ_SERVER)
+    pytest.skip(NO_RABBITMQ_SERVER)
+
+
+@pytest.fixture(scope="session")
+def amqp_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A RabbitMQ for the session: ``$EMBEDPIPE_TEST_AMQP_URL``, else a private node (its own
+    ports, data and cookie). Tests use queue names of their own."""
+    url = os.environ.get(TEST_AMQP_URL_ENV)
+    if url:
+        yield url
+        return
+    require_rabbitmq_server()
+    with RabbitMqServer.start_new(tmp_path_factory.mktemp("rabbitmq")) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")

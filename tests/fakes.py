@@ -6,8 +6,10 @@ import asyncio
 import base64
 import hashlib
 import json
+import math
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx2
@@ -78,7 +80,12 @@ def vector_for(text: str, dimensions: int = 8) -> Vectors:
 class FakeUpstream:
     """An OpenAI-compatible ``POST /embeddings`` in memory, for ``httpx2.MockTransport``:
     answers ``vector_for(text, dimensions)`` as base64, after the canned answers in
-    ``script`` (a status with headers, or an exception to raise) are used up.
+    ``script`` (a status with headers, an exception to raise, or seconds to stall before
+    answering) are used up.
+
+    ``limit(requests, window_seconds, clock)`` makes it rate limit as OpenAI does: a fixed
+    window from its first request; beyond ``requests`` in it, 429 with ``retry-after-ms`` and
+    ``Retry-After`` until the window ends.
 
     >>> upstream = FakeUpstream(dimensions=8)
     >>> upstream.script.append((429, {"retry-after-ms": "1500"}))
@@ -87,7 +94,9 @@ class FakeUpstream:
 
     def __init__(self, dimensions: int = 8) -> None:
         self.dimensions = dimensions
-        self.script: list[tuple[int, dict[str, str]] | Exception] = []
+        self._limit: tuple[int, float, Callable[[], float]] | None = None
+        self._window: tuple[float, int] = (0.0, 0)  # (start, requests answered in it)
+        self.script: list[tuple[int, dict[str, str]] | Exception | float] = []
         self.bodies: list[dict[str, Any]] = []  # every request's JSON, answered or not
         self.headers: list[dict[str, str]] = []
         self.pause: asyncio.Event | None = None  # when set, answers wait for it
@@ -95,6 +104,30 @@ class FakeUpstream:
         self.max_in_flight = 0
         self.error_message = "upstream says no"
         self._arrived = asyncio.Condition()
+
+    def limit(
+        self, requests: int, window_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._limit = (requests, window_seconds, clock)
+        self._window = (-math.inf, 0)
+
+    def _rate_limited(self) -> dict[str, str] | None:
+        """The 429 headers when over the limit, else None (and the request is counted)."""
+        if self._limit is None:
+            return None
+        allowed, window, clock = self._limit
+        now = clock()
+        start, used = self._window
+        if now >= start + window:
+            start, used = now, 0
+        if used >= allowed:
+            left = start + window - now
+            return {
+                "retry-after-ms": str(math.ceil(left * 1000)),
+                "retry-after": str(math.ceil(left)),
+            }
+        self._window = (start, used + 1)
+        return None
 
     async def wait_in_flight(self, count: int) -> None:
         """Until ``count`` requests are being answered at once."""
@@ -116,9 +149,16 @@ class FakeUpstream:
                 canned = self.script.pop(0)
                 if isinstance(canned, Exception):
                     raise canned
+                if isinstance(canned, float):
+                    await asyncio.sleep(canned)
+                    return httpx2.Response(200, json=self._answer(body))
                 status, headers = canned
                 error = {"message": self.error_message, "type": "x", "param": None, "code": None}
                 return httpx2.Response(status, json={"error": error}, headers=headers)
+            limited = self._rate_limited()
+            if limited is not None:
+                error = {"message": "Rate limit reached", "type": "requests", "param": None}
+                return httpx2.Response(429, json={"error": error}, headers=limited)
             return httpx2.Response(200, json=self._answer(body))
         finally:
             self.in_flight -= 1

@@ -186,7 +186,8 @@ def worker(
         ),
     ] = None,
 ) -> None:
-    """Run batch-job chunks from the Redis broker (needs EMBEDPIPE_REDIS_URL or _BROKER_URL).
+    """Run batch-job chunks from the broker: Redis (EMBEDPIPE_REDIS_URL or _BROKER_URL) or
+    RabbitMQ (EMBEDPIPE_BROKER_URL=amqp://..., job state in EMBEDPIPE_REDIS_URL).
 
     One process per machine is right on CPU: the model already uses every core. Scale out
     with more machines (or processes pinned to cores); each loads the model once.
@@ -195,8 +196,9 @@ def worker(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings()
-    if not settings.effective_broker_url:
-        console.print("[red]embedpipe worker needs EMBEDPIPE_REDIS_URL or EMBEDPIPE_BROKER_URL")
+    if not settings.redis_url:
+        # Job state lives in Redis whichever the broker; without it the API runs jobs itself.
+        console.print("[red]embedpipe worker needs EMBEDPIPE_REDIS_URL (and optionally a broker)")
         raise typer.Exit(2)
     port = settings.jobs.worker_metrics_port if metrics_port is None else metrics_port
     if port:

@@ -57,7 +57,8 @@ HTTP_DURATION = Histogram(
 # --- the service, cache and batcher ---
 EMBEDDINGS = Counter(
     "embedpipe_embeddings",
-    "Embeddings served, by where the vector came from (l1, l2 or computed).",
+    "Embeddings served, by where the vector came from: l1, l2, shared (joined a computation "
+    "already in flight for another request) or computed. Saved work = l1 + l2 + shared.",
     ["model", "source"],
 )
 CACHE_ERRORS = Counter(
@@ -190,6 +191,53 @@ MODEL_INFO = Gauge(
     ["model", "backend", "dimensions", "max_tokens", "weights_sha256"],
     multiprocess_mode="livemax",
 )
+
+
+# Label values known in advance, exported at 0 from the start (Prometheus' "avoid missing
+# metrics"): a series that appears only at its first event leaves rate(), alerts and panels
+# with nothing to work on.
+SOURCES = ("l1", "l2", "shared", "computed")
+JOB_STATUSES = ("completed", "failed", "cancelled", "expired")
+JOB_ITEM_STATUSES = ("succeeded", "failed", "expired")
+
+
+def start_at_zero(
+    *,
+    models: Iterable[tuple[str, bool]] = (),
+    tiers: Iterable[str] = (),
+    limits: Iterable[str] = (),
+    jobs: bool = False,
+) -> None:
+    """Create the series of what this process serves, at 0: ``models`` as (name, is it an
+    upstream model), the cache ``tiers`` configured, the rate ``limits`` in force (requests,
+    tokens), and, with ``jobs``, the batch job statuses."""
+    for name, upstream in models:
+        for source in SOURCES:
+            EMBEDDINGS.labels(model=name, source=source)
+        for family in (TOKENS, BATCH_SIZE, BATCH_TOKENS, INFERENCE_SECONDS, QUEUE_WAIT):
+            family.labels(model=name)
+        QUEUE_DEPTH.labels(model=name)
+        if upstream:
+            UPSTREAM_REQUESTS.labels(model=name, status="200")
+            for upstream_family in (
+                UPSTREAM_TOKENS,
+                UPSTREAM_TOKENS_SAVED,
+                UPSTREAM_COST_SAVED,
+                UPSTREAM_RETRIES,
+                UPSTREAM_SECONDS,
+                UPSTREAM_BREAKER_OPEN,
+            ):
+                upstream_family.labels(model=name)
+    for tier in tiers:
+        CACHE_ERRORS.labels(tier=tier)
+        CACHE_BREAKER_OPEN.labels(tier=tier)
+    for limit in limits:
+        RATE_LIMITED.labels(limit=limit)
+    if jobs:
+        for status in JOB_STATUSES:
+            JOBS.labels(status=status)
+        for status in JOB_ITEM_STATUSES:
+            JOB_ITEMS.labels(status=status)
 
 
 def describe_process(version: str, models: Iterable[tuple[str, str, int, int, str]]) -> None:

@@ -16,6 +16,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
+from embedpipe import metrics
 from embedpipe.batcher import Batcher, MicroBatcher
 from embedpipe.cache import TieredCache, open_cache
 from embedpipe.embedders import ModelRegistry, configure_threads, load_embedder, parse_model_specs
@@ -86,6 +87,10 @@ class Runtime:
                 update={"per_tenant": cache_per_tenant(settings)}
             )
             service = EmbeddingService(registry, batchers, cache, cache_settings)
+            metrics.start_at_zero(
+                models=[(embedder.info.name, embedder.info.upstream) for embedder in registry],
+                tiers=[cache.l2.name] if cache.l2 is not None else [],
+            )
             # What is loaded now (torch, transformers, the models: ~500k objects) lives as long
             # as the process. Frozen, the cyclic GC stops walking it in every full collection,
             # which took ~0.5 s here with every request stalled behind it.

@@ -22,7 +22,9 @@ from embedpipe.embedders import ModelInfo, ModelRegistry, ServedModel, Vectors
 from embedpipe.settings import CacheSettings
 from embedpipe.tenancy import current_tenant, tenant_namespace
 
-Source = Literal["l1", "l2", "computed"]
+# shared: joined a computation already in flight for another request (single-flight); like
+# a cache hit it is work saved, but it was never in a cache.
+Source = Literal["l1", "l2", "shared", "computed"]
 
 # Tokenizing more than this many characters goes to a thread, off the event loop.
 _INLINE_TOKENIZE_CHARS = 4096
@@ -40,7 +42,8 @@ class EmbedResult:
 
     @property
     def cached_count(self) -> int:
-        return sum(source != "computed" for source in self.sources)
+        """Texts served from a cache tier (a shared computation is saved work, not a hit)."""
+        return sum(source in ("l1", "l2") for source in self.sources)
 
 
 class EmbeddingService:
@@ -168,7 +171,7 @@ class EmbeddingService:
                 vectors[position] = vector
                 sources[position] = hit[1]
         if missing:
-            computed = await self._compute(
+            computed, joined = await self._compute(
                 name,
                 [keys[position] for position in missing],
                 [unique_texts[position] for position in missing],
@@ -178,9 +181,11 @@ class EmbeddingService:
             )
             if not width:  # nothing was cached: an upstream model's first answer sizes it
                 vectors = np.empty((len(unique_texts), len(computed[0])), dtype=np.float32)
-            for position, vector in zip(missing, computed, strict=True):
+            for position, vector, shared in zip(missing, computed, joined, strict=True):
                 # As a later hit will decode it: every answer for a text is the same.
                 vectors[position] = self._codec.round_trip(vector)
+                if shared:
+                    sources[position] = "shared"
         return self._served(name, texts, unique, vectors, sources, tokens)
 
     def _keys(
@@ -223,7 +228,7 @@ class EmbeddingService:
         order = [unique[text] for text in texts]
         matrix = vectors if len(order) == len(unique) else vectors[order]
         served_sources = [sources[position] for position in order]
-        for source in ("l1", "l2", "computed"):
+        for source in ("l1", "l2", "shared", "computed"):
             count = served_sources.count(source)
             if count:
                 metrics.EMBEDDINGS.labels(model=name, source=source).inc(count)
@@ -235,7 +240,11 @@ class EmbeddingService:
                 n for n, source in zip(tokens, served_sources, strict=True) if source != "computed"
             )
             metrics.record_upstream_savings(name, saved, info.price_per_million_tokens)
-        logs.annotate(cache_hits=len(texts) - served_sources.count("computed"), tokens=total_tokens)
+        hits = sum(source in ("l1", "l2") for source in served_sources)
+        shared = served_sources.count("shared")
+        logs.annotate(
+            cache_hits=hits, **({"shared": shared} if shared else {}), tokens=total_tokens
+        )
         return EmbedResult(model=name, vectors=matrix, sources=served_sources, tokens=total_tokens)
 
     async def _count_tokens(self, embedder: ServedModel, texts: Sequence[str]) -> list[int]:
@@ -251,8 +260,9 @@ class EmbeddingService:
         tokens: list[int],
         sized: int | None = None,
         background: bool = False,
-    ) -> list[np.ndarray]:
-        """Vectors for cache misses: join work already in flight, queue the rest as one unit."""
+    ) -> tuple[list[np.ndarray], list[bool]]:
+        """Vectors for cache misses: join work already in flight, queue the rest as one unit.
+        Also, per text, whether it joined work in flight (then it counts as ``shared``)."""
         waiting: list[PendingText] = []
         new_keys: list[str] = []
         new_texts: list[str] = []
@@ -293,7 +303,7 @@ class EmbeddingService:
                 },
                 tokens=dict(zip(new_keys, new_tokens, strict=True)),
             )
-        return list(results)
+        return list(results), [slot >= 0 for slot in slots]
 
     def _forget(self, key: str, item: PendingText, _: object) -> None:
         if self._in_flight.get(key) is item:

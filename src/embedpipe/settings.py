@@ -143,9 +143,11 @@ class JobsSettings(BaseModel):
     file_retention_seconds: int = Field(30 * 24 * 3600, ge=0)
     # Chunks computed at once by the in-process runner (they share the online batcher).
     in_process_concurrency: int = Field(2, ge=1)
-    # Redis broker: an unacknowledged chunk goes back to the queue after this long (a dead
-    # worker's work is redelivered). Must exceed the time of one chunk.
-    visibility_timeout_seconds: int = Field(600, ge=1)
+    # Redis broker: the lease of a running chunk. Its worker renews it every third of this
+    # while it lives; once it lapses (the worker died) any worker or the API re-queues the
+    # chunk. A dead worker's chunk runs again within about this long plus a sixth; a slow
+    # chunk on a live worker never runs twice. (RabbitMQ re-queues at once by itself.)
+    visibility_timeout_seconds: int = Field(30, ge=3)
     queue: str = "embedpipe"
     # `embedpipe worker` serves Prometheus /metrics (job items, chunk durations) on this port
     # at EMBEDPIPE_HOST; 0 = off.
@@ -177,6 +179,9 @@ class UpstreamSettings(BaseModel):
     # Full-jitter exponential backoff between attempts; Retry-After wins when it is longer.
     retry_base_seconds: float = Field(0.25, gt=0)
     retry_max_seconds: float = Field(8.0, gt=0)
+    # An upstream 429 whose Retry-After is at most this long is waited out and retried; a
+    # longer one answers the client 429 at once, with the upstream's Retry-After.
+    max_retry_wait_seconds: float = Field(5.0, ge=0)
     # Consecutive failed attempts (5xx, timeouts, refused connections) that open the breaker,
     # and how long it stays open before one probe call may go.
     breaker_failures: int = Field(5, ge=1)

@@ -247,6 +247,61 @@ def test_every_expression_names_only_metrics_the_server_exports(
         assert name in exported, name
 
 
+def series_names(metrics_text: str) -> set[str]:
+    """The series /metrics really has samples of (a family without children has none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {"up"} | {
+        sample.name
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+    }
+
+
+@pytest.mark.model
+@pytest.mark.server
+@pytest.mark.redis
+def test_every_metric_in_deploy_has_series_on_a_fresh_process(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    # rate(), the alerts and the panels have nothing to work on until a series exists: each
+    # label value known in advance starts at 0 (limits in force, job statuses, cache tiers,
+    # models served), before any event.
+    server = ServerProcess(
+        {
+            "EMBEDPIPE_DATA_DIR": str(tmp_path / "data"),
+            "EMBEDPIPE_REDIS_URL": redis_url,
+            "EMBEDPIPE_CACHE__NAMESPACE": namespace,
+            "EMBEDPIPE_RATE_LIMIT_RPM": "600",
+            "EMBEDPIPE_RATE_LIMIT_TPM": "100000",
+            # An upstream model too (never called here: nothing listens there).
+            "EMBEDPIPE_EXTRA_MODELS": "up=openai:text-embedding-3-small",
+            "EMBEDPIPE_OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1",
+        },
+        tmp_path / "server.log",
+    ).start()
+    try:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    finally:
+        server.stop()
+    used = {
+        name for expr in rule_expressions() + dashboard_expressions() for name in metric_names(expr)
+    }
+    missing = sorted(used - series_names(text))
+    assert not missing, f"no series on a fresh process: {missing}"
+    for series in (
+        'embedpipe_rate_limited_total{limit="requests"} 0.0',
+        'embedpipe_rate_limited_total{limit="tokens"} 0.0',
+        'embedpipe_jobs_total{status="completed"} 0.0',
+        'embedpipe_jobs_total{status="failed"} 0.0',
+        'embedpipe_job_items_total{status="succeeded"} 0.0',
+        'embedpipe_cache_breaker_open{tier="l2"} 0.0',
+        'embedpipe_upstream_requests_total{model="up",status="200"} 0.0',
+        f'embedpipe_embeddings_total{{model="{MODEL}",source="shared"}} 0.0',
+    ):
+        assert series in text, series
+
+
 @pytest.mark.model
 @pytest.mark.server
 def test_promtool_lints_the_exposition(embedded_server: ServerProcess) -> None:

@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.model, pytest.mark.server]
 
 PROXY_KEY = "ep-upstream-proxy-" + "k3y" * 10
 WRONG_KEY = "ep-upstream-wrong-" + "n0pe" * 8
+STINGY_KEY = "ep-upstream-stingy-" + "f0ur" * 8  # 4 requests a minute at the upstream
 UP = "up"  # the proxy's name for the upstream model
 PRICE = 0.5  # dollars per million tokens, so that savings show in a few decimals
 PROXY_RPM = 60  # the proxy's budget at the upstream, per minute
@@ -59,6 +60,7 @@ def _upstream(root: Path, port: int | None = None) -> ServerProcess:
     keys = root / "upstream-keys.toml"
     keys.write_text(
         f'[[keys]]\nname = "proxy"\nhash = "{hash_key(PROXY_KEY)}"\nrpm = {PROXY_RPM}\n'
+        f'[[keys]]\nname = "stingy"\nhash = "{hash_key(STINGY_KEY)}"\nrpm = 4\n'
     )
     return ServerProcess(
         {
@@ -310,6 +312,42 @@ def test_an_upstream_429_past_the_deadline_is_a_429_at_once(stack: Stack) -> Non
     assert abs(int(reply.headers["Retry-After"]) - window_left) <= elapsed + 2
     assert stack.proxy_calls("429") - limited_before == 1
     assert elapsed < DEADLINE / 2
+
+
+def test_an_upstream_allowing_4_a_minute_gives_4_answers_then_quick_429s(stack: Stack) -> None:
+    # Acceptance, with default upstream settings: request 5 used to wait out the upstream's
+    # ~60 s Retry-After inside the 60 s deadline, then answer 502 upstream_timeout.
+    stingy = ServerProcess(
+        {
+            "EMBEDPIPE_DATA_DIR": str(stack.root / "stingy-data"),
+            "EMBEDPIPE_REDIS_URL": "",
+            "EMBEDPIPE_BACKEND": "openai",
+            "EMBEDPIPE_MODEL": MODEL,
+            "EMBEDPIPE_OPENAI_BASE_URL": f"{stack.upstream.url}/v1",
+            "EMBEDPIPE_OPENAI_API_KEY": STINGY_KEY,
+        },
+        stack.root / "stingy.log",
+    ).start()
+    try:
+        replies, seconds = [], []
+        for i in range(8):
+            started = time.monotonic()
+            replies.append(_embed(stingy, MODEL, [f"stingy request {i}"]))
+            seconds.append(time.monotonic() - started)
+    finally:
+        stingy.stop()
+    assert [reply.status_code for reply in replies] == [200] * 4 + [429] * 4, [
+        reply.text for reply in replies
+    ]
+    for reply, took in zip(replies[4:], seconds[4:], strict=True):
+        _assert_envelope(reply, "upstream_rate_limited")
+        # The upstream's window (about a minute) passed on in both forms, at once.
+        assert 30 <= int(reply.headers["Retry-After"]) <= 61
+        assert (
+            abs(int(reply.headers["retry-after-ms"]) / 1000 - int(reply.headers["Retry-After"]))
+            <= 1
+        )
+        assert took < 3.0, seconds  # a generous bound on what used to be a 60 s hang
 
 
 def test_rejected_credentials_are_a_502_and_the_key_is_never_shown(stack: Stack) -> None:

@@ -14,11 +14,13 @@ from prometheus_client import REGISTRY
 from embedpipe import logs
 from embedpipe.api.middleware import RequestIdMiddleware
 from embedpipe.api.observability import ObservabilityMiddleware, TrafficWindow
+from embedpipe.api.security import AuthMiddleware
+from embedpipe.auth import KeyStore
 
 SECRET_TEXT = "the input text must never reach a log line"
 
 
-def _app(traffic: TrafficWindow) -> FastAPI:
+def _app(traffic: TrafficWindow, keys: KeyStore | None = None) -> FastAPI:
     router = APIRouter(prefix="/unit")
 
     @router.post("/things")
@@ -36,6 +38,8 @@ def _app(traffic: TrafficWindow) -> FastAPI:
 
     app = FastAPI()
     app.include_router(router)
+    if keys is not None:  # as create_app orders them: the key check runs before routing
+        app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(ObservabilityMiddleware, traffic=traffic)
     app.add_middleware(RequestIdMiddleware)
     return app
@@ -82,6 +86,20 @@ async def test_unknown_routes_share_one_label_and_methods_are_bounded(
     assert _count("/unit/things", "OTHER", "405") == other + 1
 
 
+async def test_a_401_before_routing_still_counts_under_its_route() -> None:
+    app = _app(TrafficWindow(), keys=KeyStore.load("unit-test-key", None))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    before = _count("/unit/items/{item:path}", "GET", "401")
+    unknown = _count("unmatched", "GET", "401")
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        assert (await http.get("/unit/items/a")).status_code == 401
+        assert (await http.get("/unit/nothing-here")).status_code == 401
+        authorised = {"Authorization": "Bearer unit-test-key"}
+        assert (await http.get("/unit/items/a", headers=authorised)).status_code == 200
+    assert _count("/unit/items/{item:path}", "GET", "401") == before + 1
+    assert _count("unmatched", "GET", "401") == unknown + 1
+
+
 async def test_an_unhandled_error_counts_as_500(client: httpx.AsyncClient) -> None:
     before = _count("/unit/boom", "GET", "500")
     assert (await client.get("/unit/boom")).status_code == 500
@@ -124,20 +142,30 @@ def test_traffic_window_quantiles_hit_ratio_and_timeline() -> None:
     for i in range(100):  # 1 ms .. 100 ms
         window.record((i + 1) / 1000, 200, inputs=2, cache_hits=1)
     window.record(0.5, 503, inputs=1, cache_hits=0)
+    window.record(0.002, 200, inputs=4, cache_hits=0, shared=3)  # joined work in flight
     clock.now += 20
     snapshot = window.snapshot()
     recent = snapshot["recent"]
-    assert recent["requests"] == 101 and recent["errors"] == 1
-    assert recent["hit_ratio"] == round(100 / 201, 4)
+    assert recent["requests"] == 102 and recent["errors"] == 1
+    # Saved work: cache hits and shared computations alike.
+    assert recent["hit_ratio"] == round((100 + 3) / 205, 4)
+    assert (recent["cache_hits"], recent["shared"]) == (100, 3)
     # Bucketed quantiles are within one bucket (19%) of the exact ones.
     assert 50 / 1.19 <= recent["p50_ms"] <= 51 * 1.19
     assert 95 / 1.19 <= recent["p95_ms"] <= 96 * 1.19
     assert 99 / 1.19 <= recent["p99_ms"] <= 500
     timeline = snapshot["timeline"]
     assert len(timeline) == 12  # gaps are filled with empty slots
-    assert [point["requests"] for point in timeline[-5:]] == [101, 0, 0, 0, 0]
-    assert timeline[-5]["queue_depth"] == 100  # the max sampled in that slot (0..100)
+    assert [point["requests"] for point in timeline[-5:]] == [102, 0, 0, 0, 0]
+    assert timeline[-5]["queue_depth"] == 101  # the max sampled in that slot (0..101)
+    assert timeline[-5]["shared"] == 3
     assert timeline[-1]["p95_ms"] is None
-    assert snapshot["totals"] == {"requests": 101, "errors": 1, "inputs": 201, "cache_hits": 100}
+    assert snapshot["totals"] == {
+        "requests": 102,
+        "errors": 1,
+        "inputs": 205,
+        "cache_hits": 100,
+        "shared": 3,
+    }
     clock.now += 120  # older than "recent"
     assert window.snapshot()["recent"]["requests"] == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from embedpipe.batcher import MicroBatcher
 from embedpipe.cache import MemoryTier, TieredCache
@@ -74,6 +75,36 @@ async def test_concurrent_misses_share_one_computation(harness: Harness) -> None
     assert harness.computed() == ["hot"]
     for result in results:
         np.testing.assert_array_equal(result.vectors[0], vector_for("hot"))
+
+
+def _served(source: str) -> float:
+    labels = {"model": "fake", "source": source}
+    return REGISTRY.get_sample_value("embedpipe_embeddings_total", labels) or 0.0
+
+
+async def test_joins_of_a_computation_in_flight_count_as_shared(harness: Harness) -> None:
+    before = {source: _served(source) for source in ("l1", "l2", "shared", "computed")}
+    harness.embedder.gate = threading.Event()
+    requests = [asyncio.create_task(harness.service.embed("fake", ["new text"])) for _ in range(16)]
+    # Until all 16 wait on the one computation (the single-flight table is the condition).
+    for _ in range(10_000):
+        if any(item.waiters == 16 for item in harness.service._in_flight.values()):
+            break
+        await asyncio.sleep(0.001)
+    else:
+        pytest.fail("the 16 requests never joined one computation")
+    harness.embedder.gate.set()
+    results = await asyncio.gather(*requests)
+    assert harness.computed() == ["new text"]
+    assert sorted(result.sources[0] for result in results) == ["computed"] + ["shared"] * 15
+    assert all(result.cached_count == 0 for result in results)  # saved work, not cache hits
+    after = {source: _served(source) for source in before}
+    assert {source: after[source] - before[source] for source in before} == {
+        "l1": 0,
+        "l2": 0,
+        "shared": 15,
+        "computed": 1,
+    }
 
 
 async def test_a_cancelled_waiter_does_not_cancel_the_others(harness: Harness) -> None:

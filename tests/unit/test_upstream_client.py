@@ -124,6 +124,74 @@ async def test_a_429_past_the_deadline_answers_429_with_the_upstreams_retry_afte
     assert len(upstream.bodies) == 1 and clock.sleeps == []  # no pointless wait, no hammering
 
 
+async def test_a_long_429_is_answered_at_once_and_never_becomes_a_502() -> None:
+    # Acceptance: an upstream allowing 4 requests a minute, default settings, 8 requests one
+    # after another. Each upstream request takes 20 ms, so the 5th one's hint ends just inside
+    # the 60 s deadline: waiting it out used to hang the caller a minute, then answer 502.
+    upstream, clock = FakeUpstream(), FakeTime()
+
+    def ticking() -> float:
+        clock.now += 0.02
+        return clock.now
+
+    upstream.limit(4, 60.0, ticking)
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    client = UpstreamClient(
+        model, "m", upstream.sdk(), UpstreamSettings(), sleep=clock.sleep, clock=clock
+    )
+    answers: list[float | None] = []
+    for _ in range(8):
+        try:
+            await client.embed(["text"], dimensions=None)
+            answers.append(None)
+        except UpstreamRateLimited as exc:
+            answers.append(exc.retry_after)
+    await client.close()
+    assert answers[:4] == [None] * 4
+    hints = answers[4:]
+    assert all(hint is not None and 59 < hint <= 60 for hint in hints), hints
+    assert clock.sleeps == [] and len(upstream.bodies) == 8  # no wait, one attempt each
+    assert _requests(model, "429") == 4
+
+
+async def test_a_short_429_is_waited_out_then_retried() -> None:
+    upstream, clock = FakeUpstream(), FakeTime()
+    upstream.script.append((429, {"retry-after": "5"}))  # max_retry_wait_seconds, inclusive
+    client, _ = _client(upstream, clock, deadline_seconds=60.0)
+    answer = await client.embed(["text"], dimensions=None)
+    await client.close()
+    assert answer.vectors.shape == (1, 8) and len(clock.sleeps) == 1 and clock.sleeps[0] >= 5
+
+
+async def test_no_retry_goes_with_too_little_of_its_timeout_left() -> None:
+    upstream, clock = FakeUpstream(), FakeTime()
+    # The hint leaves 1.5 s of the deadline, under a quarter of the 8 s attempt timeout.
+    upstream.script.append((503, {"retry-after": "8.5"}))
+    client, _ = _client(
+        upstream, clock, deadline_seconds=10.0, timeout_seconds=8.0, retry_base_seconds=0.01
+    )
+    with pytest.raises(UpstreamFailed) as caught:
+        await client.embed(["text"], dimensions=None)
+    await client.close()
+    assert caught.value.code == "upstream_error" and len(upstream.bodies) == 1
+    assert clock.sleeps == []
+
+
+async def test_an_attempt_the_deadline_cut_short_leaves_the_last_real_answer() -> None:
+    # Real time here: the second attempt stalls until the deadline ends it.
+    upstream = FakeUpstream()
+    upstream.script += [(503, {"retry-after-ms": "500"}), 30.0]
+    settings = UpstreamSettings(
+        deadline_seconds=1.0, timeout_seconds=0.8, retry_base_seconds=0.01, breaker_failures=50
+    )
+    client = UpstreamClient(f"m-{uuid.uuid4().hex[:8]}", "m", upstream.sdk(), settings)
+    with pytest.raises(UpstreamFailed) as caught:
+        await client.embed(["text"], dimensions=None)
+    await client.close()
+    assert len(upstream.bodies) == 2
+    assert caught.value.code == "upstream_error" and "HTTP 503" in caught.value.message
+
+
 async def test_failures_until_the_deadline_become_a_502() -> None:
     upstream, clock = FakeUpstream(), FakeTime()
     upstream.script += [(503, {})] * 100

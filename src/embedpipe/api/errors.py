@@ -60,7 +60,11 @@ def _domain_error(_: Request, exc: Exception) -> Response:
     headers = None
     if isinstance(exc, Overloaded | NotReady | UpstreamRateLimited | UpstreamUnavailable):
         retry_after = 1.0 if isinstance(exc, NotReady) else exc.retry_after
-        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
+        # Both forms, as OpenAI sends them: whole seconds (HTTP) and milliseconds.
+        headers = {
+            "Retry-After": str(max(1, math.ceil(retry_after))),
+            "retry-after-ms": str(max(1, math.ceil(retry_after * 1000))),
+        }
     return error_response(
         status, exc.message, type_=type_, param=exc.param, code=exc.code, headers=headers
     )

@@ -3,7 +3,8 @@
 :class:`ObservabilityMiddleware` (pure ASGI: BaseHTTPMiddleware breaks streaming and
 cancellation) wraps every request once. It counts it in ``embedpipe_http_requests_total`` and
 ``embedpipe_http_request_duration_seconds`` under its route *template* (``/v1/models/{model:path}``,
-never the raw path; ``unmatched`` when no route matched), writes one ``embedpipe.access`` log
+never the raw path; ``unmatched`` when no route matches the path, even a request refused before
+routing such as a 401), writes one ``embedpipe.access`` log
 line, and feeds a :class:`TrafficWindow`: the last minutes of this process's traffic in small
 slots, which ``/stats`` and the ``/dashboard`` page read (where no Prometheus runs).
 """
@@ -37,9 +38,21 @@ _LATENCY_BOUNDS = tuple(0.0005 * 2 ** (i / 4) for i in range(65))
 
 
 def route_template(scope: Scope) -> str:
-    """The template of the route that served this request (set on the scope by the router)."""
+    """The template of the route that served this request (set on the scope by the router).
+    A request refused before routing (a 401 from the key check, a 413) is matched here
+    against the app's routes, as the router would have."""
     path = getattr(scope.get("route"), "path", None)
-    return path if isinstance(path, str) and path else UNMATCHED
+    if isinstance(path, str) and path:
+        return path
+    router = getattr(scope.get("app"), "router", None)
+    for route in getattr(router, "routes", ()):
+        nested = getattr(route, "effective_route_contexts", None)  # an included router
+        for candidate in nested() if callable(nested) else (route,):
+            pattern = getattr(candidate, "path_regex", None)
+            template = getattr(candidate, "path", None)
+            if pattern is not None and pattern.match(scope["path"]) and isinstance(template, str):
+                return template
+    return UNMATCHED
 
 
 @dataclass(slots=True)
@@ -49,6 +62,7 @@ class _Slot:
     errors: int = 0
     inputs: int = 0
     cache_hits: int = 0
+    shared: int = 0  # joined a computation in flight: saved work, like a hit
     queue_depth: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * (len(_LATENCY_BOUNDS) + 1))
 
@@ -87,7 +101,7 @@ class TrafficWindow:
         self._slots: deque[_Slot] = deque(maxlen=slots)
         self._clock = clock
         self._queue_depth: Callable[[], int] = lambda: 0
-        self.totals = {"requests": 0, "errors": 0, "inputs": 0, "cache_hits": 0}
+        self.totals = {"requests": 0, "errors": 0, "inputs": 0, "cache_hits": 0, "shared": 0}
 
     def watch_queue(self, probe: Callable[[], int]) -> None:
         """Sample the batcher's queue depth with ``probe`` at each request and each snapshot."""
@@ -101,17 +115,25 @@ class TrafficWindow:
         slot.queue_depth = max(slot.queue_depth, self._queue_depth())
         return slot
 
-    def record(self, seconds: float, status: int, inputs: int, cache_hits: int) -> None:
+    def record(
+        self, seconds: float, status: int, inputs: int, cache_hits: int, shared: int = 0
+    ) -> None:
         slot = self._current()
         error = int(status >= 500)
         slot.requests += 1
         slot.errors += error
         slot.inputs += inputs
         slot.cache_hits += cache_hits
+        slot.shared += shared
         slot.latency[bisect.bisect_left(_LATENCY_BOUNDS, seconds)] += 1
-        for key, value in (("requests", 1), ("errors", error), ("inputs", inputs)):
+        for key, value in (
+            ("requests", 1),
+            ("errors", error),
+            ("inputs", inputs),
+            ("cache_hits", cache_hits),
+            ("shared", shared),
+        ):
             self.totals[key] += value
-        self.totals["cache_hits"] += cache_hits
 
     def snapshot(self, recent_seconds: float = 60.0) -> dict[str, Any]:
         """Totals, the last ``recent_seconds`` summed up, and one point per slot (gaps filled)."""
@@ -128,6 +150,7 @@ class TrafficWindow:
                     "errors": slot.errors,
                     "inputs": slot.inputs,
                     "cache_hits": slot.cache_hits,
+                    "shared": slot.shared,
                     "queue_depth": slot.queue_depth,
                     "p50_ms": _ms(_quantile(slot.latency, 0.50)),
                     "p95_ms": _ms(_quantile(slot.latency, 0.95)),
@@ -141,6 +164,7 @@ class TrafficWindow:
         requests = sum(slot.requests for slot in recent_slots)
         inputs = sum(slot.inputs for slot in recent_slots)
         hits = sum(slot.cache_hits for slot in recent_slots)
+        shared = sum(slot.shared for slot in recent_slots)
         return {
             "now": round(self._clock(), 3),
             "slot_seconds": self.slot_seconds,
@@ -151,7 +175,9 @@ class TrafficWindow:
                 "errors": sum(slot.errors for slot in recent_slots),
                 "inputs": inputs,
                 "cache_hits": hits,
-                "hit_ratio": round(hits / inputs, 4) if inputs else None,
+                "shared": shared,
+                # Work saved: cache hits and joins of a computation already in flight.
+                "hit_ratio": round((hits + shared) / inputs, 4) if inputs else None,
                 "p50_ms": _ms(_quantile(merged, 0.50)) if merged else None,
                 "p95_ms": _ms(_quantile(merged, 0.95)) if merged else None,
                 "p99_ms": _ms(_quantile(merged, 0.99)) if merged else None,
@@ -215,8 +241,9 @@ class ObservabilityMiddleware:
         observe(seconds)
         inputs = int(fields.get("inputs", 0))
         cache_hits = int(fields.get("cache_hits", 0))
+        shared = int(fields.get("shared", 0))
         if route not in _OPS_ROUTES:
-            self.traffic.record(seconds, status, inputs, cache_hits)
+            self.traffic.record(seconds, status, inputs, cache_hits, shared)
         line = {
             "request_id": scope.get("state", {}).get("request_id"),
             "method": method,
@@ -241,6 +268,7 @@ def on_startup(runtime: Runtime, traffic: TrafficWindow) -> None:
     for info in models:
         queue = runtime.settings.upstream if info.upstream else runtime.settings.batching
         metrics.QUEUE_CAPACITY.labels(model=info.name).set(queue.max_queue_texts)
+    metrics.start_at_zero(jobs=True)  # the Batch API is served by every API process
     traffic.watch_queue(lambda: sum(runtime.service.queue_depth().values()))
 
 

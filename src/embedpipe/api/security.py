@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from embedpipe import logs
+from embedpipe import logs, metrics
 from embedpipe.api.docs import DOCS_PATHS
 from embedpipe.api.errors import error_response
 from embedpipe.auth import ApiKey, KeyStore
@@ -309,9 +309,12 @@ def install_security(app: FastAPI, settings: Settings) -> KeyStore:
         protect_metrics=settings.security.protect_metrics,
     )
     app.add_exception_handler(Refused, _refused)
-    limited = (
-        settings.rate_limit_rpm or settings.rate_limit_tpm or any(k.rpm or k.tpm for k in keys)
-    )
+    limits = {
+        "requests": settings.rate_limit_rpm or any(k.rpm for k in keys),
+        "tokens": settings.rate_limit_tpm or any(k.tpm for k in keys),
+    }
+    metrics.start_at_zero(limits=[limit for limit, in_force in limits.items() if in_force])
+    limited = any(limits.values())
     if limited and settings.workers > 1 and not settings.redis_url:
         log.warning(
             "rate limits are held in each of the %d worker processes (no EMBEDPIPE_REDIS_URL): "

@@ -58,7 +58,7 @@ async def embed_one(
     return json_response(
         {
             "embedding": result.vectors[0],
-            "cached": result.sources[0] != "computed",
+            "cached": result.sources[0] in ("l1", "l2"),
             "model": result.model,
         },
         headers=limit_headers,

@@ -2,21 +2,27 @@
 
 The API process only publishes (``runner.CeleryRunner``); ``batches/worker.py`` consumes.
 Tasks are thin adapters over BatchProcessor. Reliability comes from the configuration:
-acks late + reject on worker lost + the Redis visibility timeout mean a chunk whose worker
-died (even by SIGKILL) is delivered again; idempotent chunk commits make that harmless.
+acks late + reject on worker lost mean a chunk whose worker died (even by SIGKILL) is delivered
+again: by RabbitMQ (``amqp://``) the moment the worker's connection drops, by Redis once the
+chunk's lease lapses (``lease.py``: renewed while the worker lives, so a slow chunk is never
+delivered twice). Idempotent chunk commits make any redelivery harmless.
 """
 
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from celery import Celery, Task
 
+from embedpipe.batches.lease import ChunkLease, is_redis_url, transport_options
 from embedpipe.batches.runner import CHUNK_TASK, PREPARE_TASK
 from embedpipe.settings import Settings
 
 if TYPE_CHECKING:
+    import redis
+
     from embedpipe.batches.processor import BatchProcessor
 
 T = TypeVar("T")
@@ -32,9 +38,7 @@ def create_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         # One message at a time per worker process: a dead worker strands at most one chunk.
         worker_prefetch_multiplier=1,
-        broker_transport_options={
-            "visibility_timeout": settings.jobs.visibility_timeout_seconds,
-        },
+        broker_transport_options=transport_options(settings) if is_redis_url(broker) else {},
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.jobs.queue,
         task_serializer="json",
@@ -55,21 +59,33 @@ class ChunkContext(Protocol):
     def run(self, work: Coroutine[Any, Any, T]) -> T: ...
 
 
-def register_tasks(app: Celery, context: ChunkContext, queue: str) -> None:
+def register_tasks(
+    app: Celery, context: ChunkContext, queue: str, leases: redis.Redis | None, lease: float
+) -> None:
+    """``leases``: a client of the Redis broker, whose running tasks' leases the worker renews
+    (None on RabbitMQ)."""
+
+    def held(task: Task[Any, Any]) -> AbstractContextManager[None]:
+        properties = getattr(task.request, "properties", None) or {}
+        return ChunkLease.hold(leases, properties.get("delivery_tag"), lease)
+
     @app.task(name=PREPARE_TASK, bind=True, max_retries=10, default_retry_delay=5)  # type: ignore[untyped-decorator]
     def prepare_batch(task: Task[Any, Any], batch_id: str) -> None:
-        processor = context.processor()
-        try:
-            chunks = context.run(processor.prepare(batch_id))
-        except Exception as error:
-            raise task.retry(exc=error) from error
+        # Leased from the start: the first task of a worker also loads the model.
+        with held(task):
+            processor = context.processor()
+            try:
+                chunks = context.run(processor.prepare(batch_id))
+            except Exception as error:
+                raise task.retry(exc=error) from error
         for index in range(chunks):
             app.send_task(CHUNK_TASK, args=[batch_id, index], queue=queue)
 
     @app.task(name=CHUNK_TASK, bind=True, max_retries=10, default_retry_delay=5)  # type: ignore[untyped-decorator]
     def run_chunk(task: Task[Any, Any], batch_id: str, index: int) -> None:
-        processor = context.processor()
-        try:
-            context.run(processor.run_chunk(batch_id, index))
-        except Exception as error:
-            raise task.retry(exc=error) from error
+        with held(task):
+            processor = context.processor()
+            try:
+                context.run(processor.run_chunk(batch_id, index))
+            except Exception as error:
+                raise task.retry(exc=error) from error

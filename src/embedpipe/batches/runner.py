@@ -2,7 +2,8 @@
 
 Runner (protocol)
 ├── InProcessRunner   embedded default: bounded asyncio work inside the server process
-└── CeleryRunner      distributed: tasks on the Redis broker for `embedpipe worker`s
+└── CeleryRunner      distributed: tasks on the broker (Redis or RabbitMQ) for `embedpipe worker`s;
+                      on Redis it also re-queues chunks whose lease lapsed (a dead worker's)
 """
 
 from __future__ import annotations
@@ -88,6 +89,23 @@ class CeleryRunner:
     def __init__(self, celery: Celery, queue: str) -> None:
         self._celery = celery
         self._queue = queue
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def sweep_lapsed_leases(self, every: float) -> None:
+        """Redis broker: every ``every`` seconds, re-queue chunks whose worker died (until
+        :meth:`close`)."""
+        self._sweeper = asyncio.create_task(self._sweep(every), name="embedpipe-lease-sweep")
+
+    async def _sweep(self, every: float) -> None:
+        from embedpipe.batches.lease import requeue_lapsed  # redis, kombu: only when used
+
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await asyncio.to_thread(requeue_lapsed, self._celery)
+            except Exception:
+                # The broker is down: workers sweep too, and so does the next round.
+                log.warning("re-queueing lapsed chunk leases failed", exc_info=True)
 
     async def submit(self, batch_id: str) -> None:
         # Publishing is a blocking socket call: keep it off the event loop.
@@ -97,8 +115,11 @@ class CeleryRunner:
 
     async def resume(self, batch_ids: list[str]) -> None:
         # Nothing to do: unacknowledged tasks return to the queue by themselves (acks late
-        # + the broker's visibility timeout), whichever process stopped.
+        # + RabbitMQ's requeue or a lapsed Redis lease), whichever process stopped.
         return None
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         await asyncio.to_thread(self._celery.close)

@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from embedpipe.batches.budget import BatchBudget
+from embedpipe.batches.lease import is_redis_url
 from embedpipe.batches.processor import BatchProcessor, when_there_is_room
 from embedpipe.batches.runner import CeleryRunner, InProcessRunner, Runner
 from embedpipe.batches.service import JobService
@@ -29,14 +30,18 @@ log = logging.getLogger("embedpipe.batches")
 def open_store(settings: Settings) -> JobStore:
     if settings.distributed:
         # The broker Redis (noeviction): job state must never be evicted like cache entries.
-        if not settings.broker_url:
+        # With RabbitMQ as the broker, job state lives in EMBEDPIPE_REDIS_URL's Redis.
+        broker = settings.effective_broker_url
+        url = broker if is_redis_url(broker) else settings.redis_url
+        if url != settings.broker_url:  # not a Redis the operator chose for them
             log.warning(
                 "batch jobs and files are kept in the cache Redis (EMBEDPIPE_REDIS_URL), as "
-                "EMBEDPIPE_BROKER_URL is unset: a cache Redis that evicts (allkeys-lru/lfu, as "
-                "production configures it) loses batches, files and queued chunks. Set "
-                "EMBEDPIPE_BROKER_URL to a Redis with maxmemory-policy noeviction."
+                "EMBEDPIPE_BROKER_URL names no Redis of their own: a cache Redis that evicts "
+                "(allkeys-lru/lfu, as production configures it) loses batches, files and queued "
+                "chunks. Point EMBEDPIPE_BROKER_URL at a Redis with maxmemory-policy noeviction, "
+                "or keep the cache Redis at noeviction."
             )
-        return RedisJobStore.from_url(settings.effective_broker_url, settings.cache.namespace)
+        return RedisJobStore.from_url(url, settings.cache.namespace)
     return SqliteJobStore(settings.data_dir / "jobs.sqlite3")
 
 
@@ -78,6 +83,8 @@ async def open_job_service(settings: Settings, runtime: Runtime) -> JobService:
             from embedpipe.batches.celery_app import create_celery  # celery: only when used
 
             runner = CeleryRunner(create_celery(settings), settings.jobs.queue)
+            if is_redis_url(settings.effective_broker_url):
+                runner.sweep_lapsed_leases(max(1.0, settings.jobs.visibility_timeout_seconds / 6))
         else:
             runner = InProcessRunner(processor, settings.jobs.in_process_concurrency)
         opened.push_async_callback(runner.close)

@@ -17,7 +17,11 @@ from concurrent.futures import Future
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
+import redis
+
+from embedpipe import metrics
 from embedpipe.batches.celery_app import create_celery, register_tasks
+from embedpipe.batches.lease import is_redis_url
 from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.wiring import new_processor, open_store
 from embedpipe.runtime import Runtime
@@ -78,15 +82,23 @@ def run_worker(settings: Settings, *, loglevel: str, hostname: str | None) -> No
     """Consume the batch queue until Celery shuts down, then close what the tasks opened."""
     celery = create_celery(settings)
     context = WorkerContext(settings)
-    register_tasks(celery, context, settings.jobs.queue)
+    broker = settings.effective_broker_url
+    # The Redis broker: this worker renews its running task's lease (lease.py).
+    leases = redis.Redis.from_url(broker, socket_timeout=5) if is_redis_url(broker) else None
+    lease = settings.jobs.visibility_timeout_seconds
+    register_tasks(celery, context, settings.jobs.queue, leases, lease)
     name = hostname or f"embedpipe@{socket.gethostname()}.{os.getpid()}"
+    metrics.start_at_zero(jobs=True)
     context.start()
     try:
-        # solo pool: the chunk runs in this process, where the model is loaded once.
+        # One thread: the chunk runs in this process, where the model is loaded once, while
+        # Celery's own loop stays free to answer RabbitMQ's heartbeats and sweep Redis for
+        # lapsed leases (the solo pool would block both for the whole chunk).
         celery.worker_main(
             [
                 "worker",
-                "--pool=solo",
+                "--pool=threads",
+                "--concurrency=1",
                 f"--loglevel={loglevel}",
                 f"--hostname={name}",
                 f"--queues={settings.jobs.queue}",
@@ -96,3 +108,5 @@ def run_worker(settings: Settings, *, loglevel: str, hostname: str | None) -> No
         )
     finally:
         context.close()
+        if leases is not None:
+            leases.close()

@@ -4,13 +4,15 @@ The ``openai`` SDK's own retries are off (``max_retries=0``): this loop owns the
 attempt is counted, the breaker sees each failure and no call outlives its deadline.
 
 attempt --200--> vectors
-        --429--> wait Retry-After (retry-after-ms, Retry-After) + jitter --> attempt
+        --429--> hint <= max_retry_wait: wait it (+ jitter) --> attempt
+                 longer hint: UpstreamRateLimited (429) at once, with the upstream's hint
         --5xx, 408, 409, timeout, refused--> full-jitter backoff --> attempt   (breaker failure)
         --401/403/404--> UpstreamFailed (502): an operator problem, never retried
         --other 4xx--> InvalidInput (400) with the upstream's reason
-A wait that would end past the deadline is not taken: the last failure is the answer (a 429
-stays a 429 with Retry-After, the rest is a 502). While the breaker is open no attempt goes:
-UpstreamUnavailable (503).
+An attempt starts only with a useful share of its timeout left before the deadline; when no
+other attempt may go, the answer is the last real upstream answer (a 429 stays a 429 with
+Retry-After, the rest is a 502), never the timeout of an attempt the deadline cut short. While
+the breaker is open no attempt goes: UpstreamUnavailable (503).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ log = logging.getLogger("embedpipe.upstream")
 _RETRY_STATUSES = frozenset({408, 409, 429})
 # A reason from the upstream is quoted to the client at most this long.
 _MAX_REASON_CHARS = 300
+# A retry goes only with at least this share of one attempt's timeout left before the
+# deadline: an attempt with less would mostly time out, hiding the upstream's real answer.
+_MIN_ATTEMPT_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,8 @@ class _Failure:
     error: EmbedpipeError
     retry_after: float | None = None  # the upstream's own hint (429 and 503)
     retryable: bool = True
+    answered: bool = True  # False: no answer came (timeout, refused connection)
+    cut_short: bool = False  # timed out on the deadline, before its own full timeout
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -173,7 +180,12 @@ class UpstreamClient:
         """Vectors for ``texts`` (one call's worth) or an EmbedpipeError: UpstreamRateLimited,
         UpstreamUnavailable, UpstreamFailed or InvalidInput. ``counted_tokens``: our count,
         billed when the upstream reports no usage."""
-        deadline = self._clock() + self._settings.deadline_seconds
+        settings = self._settings
+        started = self._clock()
+        deadline = started + settings.deadline_seconds
+        # Less than this left: no retry goes (the first attempt always does).
+        min_attempt = _MIN_ATTEMPT_SHARE * min(settings.timeout_seconds, settings.deadline_seconds)
+        last_answer: _Failure | None = None  # the last failure the upstream itself answered
         attempt = 0
         while True:
             if not self.breaker.allow():
@@ -182,22 +194,24 @@ class UpstreamClient:
             outcome = await self._attempt(texts, dimensions, counted_tokens, remaining)
             if isinstance(outcome, UpstreamAnswer):
                 return outcome
+            if outcome.answered:
+                last_answer = outcome
             if not outcome.retryable:
                 raise outcome.error
             if self.breaker.state == "open":  # this failure opened it: no point waiting
                 raise self._breaker_open()
-            delay = self._backoff(attempt, outcome.retry_after)
-            if self._clock() + delay >= deadline:
-                if isinstance(outcome.error, UpstreamRateLimited):
-                    # What the client may tell its user: the upstream's hint, else our wait.
-                    outcome.error.retry_after = outcome.retry_after or delay
-                log.warning(
-                    "upstream model %s: giving up after %d attempt(s) (%s)",
-                    self._model,
-                    attempt + 1,
-                    outcome.error.code,
-                )
-                raise outcome.error
+            hint = outcome.retry_after
+            if isinstance(outcome.error, UpstreamRateLimited) and (
+                hint is not None and hint > settings.max_retry_wait_seconds
+            ):
+                # A long wait is the client's to make: holding its connection that long
+                # only to answer later (or time out) helps nobody.
+                raise self._give_up(attempt, outcome, None, hint)
+            delay = self._backoff(attempt, hint)
+            if deadline - (self._clock() + delay) < min_attempt:
+                if outcome.cut_short and last_answer is not None:
+                    outcome = last_answer
+                raise self._give_up(attempt, outcome, delay, outcome.retry_after)
             attempt += 1
             metrics.UPSTREAM_RETRIES.labels(model=self._model).inc()
             log.info(
@@ -208,6 +222,20 @@ class UpstreamClient:
                 delay,
             )
             await self._sleep(delay)
+
+    def _give_up(
+        self, attempt: int, outcome: _Failure, delay: float | None, hint: float | None
+    ) -> EmbedpipeError:
+        if isinstance(outcome.error, UpstreamRateLimited):
+            # What the client may tell its user: the upstream's hint, else our wait.
+            outcome.error.retry_after = hint or delay or outcome.error.retry_after
+        log.warning(
+            "upstream model %s: giving up after %d attempt(s) (%s)",
+            self._model,
+            attempt + 1,
+            outcome.error.code,
+        )
+        return outcome.error
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -248,7 +276,9 @@ class UpstreamClient:
                 UpstreamFailed(
                     f"The upstream API of model '{self._model}' did not answer in time.",
                     code="upstream_timeout",
-                )
+                ),
+                answered=False,
+                cut_short=remaining < self._settings.timeout_seconds,
             )
         except openai.APIConnectionError:
             status = "connection_error"
@@ -257,7 +287,8 @@ class UpstreamClient:
                 UpstreamFailed(
                     f"embedpipe could not reach the upstream API of model '{self._model}'.",
                     code="upstream_unreachable",
-                )
+                ),
+                answered=False,
             )
         finally:
             metrics.UPSTREAM_REQUESTS.labels(model=self._model, status=status).inc()
