@@ -35,6 +35,8 @@ class Runtime:
     token_decoder: TokenDecoder = field(default_factory=TokenDecoder)
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    # What the process still waits for before it is ready (e.g. "broker"): /ready answers 503.
+    not_ready: set[str] = field(default_factory=set)
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:

@@ -26,6 +26,7 @@ from embedpipe.api.observability import (
 )
 from embedpipe.api.openapi import install_openapi
 from embedpipe.api.security import install_security
+from embedpipe.jobs.resume import ResumeWhenReachable
 from embedpipe.jobs.wiring import open_job_service
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
@@ -44,11 +45,15 @@ def create_app(settings: Settings) -> FastAPI:
         runtime = await Runtime.open(settings)
         app.state.runtime = runtime
         app.state.jobs = jobs = await open_job_service(settings, runtime)
+        # A broker that is down keeps this process unready, not dead (and retried).
+        resume = ResumeWhenReachable(jobs.resume_active, runtime.not_ready)
+        await resume.start()
         on_startup(runtime, traffic)
         try:
             with on_shutdown_signal(runtime.start_draining, settings.drain_delay_seconds):
                 yield
         finally:
+            await resume.close()
             await jobs.close()
             await runtime.close()
             on_shutdown()

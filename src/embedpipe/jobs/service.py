@@ -48,6 +48,10 @@ class JobService:
 
     async def close(self) -> None:
         await self._runner.close()
+
+    async def resume_active(self) -> None:
+        """Pick up the batches that were active when the last process stopped."""
+        await self._runner.resume(await self._store.active_batch_ids())
         await self._store.close()
 
     # -- files -----------------------------------------------------------------------------

@@ -35,7 +35,8 @@ async def open_processor(settings: Settings, runtime: Runtime) -> tuple[BatchPro
 
 
 async def open_job_service(settings: Settings, runtime: Runtime) -> JobService:
-    """For the API process: in-process runner on the embedded default, Celery otherwise."""
+    """For the API process: in-process runner on the embedded default, Celery otherwise.
+    Nothing here talks to the broker: ``JobService.resume_active`` does, once it answers."""
     from embedpipe.jobs.runner import CeleryRunner, InProcessRunner, Runner
 
     processor, store = await open_processor(settings, runtime)
@@ -46,6 +47,4 @@ async def open_job_service(settings: Settings, runtime: Runtime) -> JobService:
         runner = CeleryRunner(create_celery(settings), settings.jobs.queue)
     else:
         runner = InProcessRunner(processor, settings.jobs.in_process_concurrency)
-    jobs = JobService(store, Storage(settings.data_dir), settings.jobs, processor, runner)
-    await runner.resume(await store.active_batch_ids())
-    return jobs
+    return JobService(store, Storage(settings.data_dir), settings.jobs, processor, runner)
