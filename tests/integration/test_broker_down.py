@@ -54,3 +54,26 @@ def test_an_api_started_without_its_broker_is_unready_until_the_broker_answers(
         logs = server.logs()
         assert logs.count(UNREACHABLE) == 1, logs
         assert "the broker Redis answers: ready" in logs
+
+
+def _upload(url: str) -> httpx.Response:
+    line = '{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}'
+    files = {"file": ("batch.jsonl", line.encode() + b"\n", "application/jsonl")}
+    return httpx.post(f"{url}/v1/files", data={"purpose": "batch"}, files=files, timeout=30)
+
+
+def test_a_broker_that_goes_away_is_a_503_to_retry_never_a_500(
+    redis_url: str, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    env = {"EMBEDPIPE_REDIS_URL": redis_url, "EMBEDPIPE_BROKER_URL": private_redis.url}
+    with ServerProcess(env, tmp_path / "server.log") as server:
+        server.start()
+        assert _upload(server.url).status_code == 200
+        private_redis.stop()
+        refused = _upload(server.url)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "service_unavailable"
+        # Back: the same replica uses it again, with no restart.
+        private_redis.start()
+        _wait_until("uploads work again", lambda: _upload(server.url).status_code == 200)
