@@ -115,4 +115,13 @@ def docker_engine(wait_seconds: float = 60) -> Iterator[Docker]:
             daemon.kill()
             daemon.wait()
         log.close()
-        shutil.rmtree(root, ignore_errors=True)
+        _unmount_under(root)
+        shutil.rmtree(root)
+
+
+def _unmount_under(root: Path) -> None:
+    """dockerd leaves its network namespace mounted (exec root/netns/default) after it exits."""
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    points = [line.split()[1] for line in mounts if len(line.split()) > 1]
+    for point in sorted((p for p in points if p.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", point], check=True, timeout=30)
