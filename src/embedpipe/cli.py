@@ -172,7 +172,7 @@ def cache_clear(
 def worker(
     loglevel: Annotated[str, typer.Option(help="Celery's log level.")] = "info",
     hostname: Annotated[
-        str | None, typer.Option(help="Worker name (default: celery@<host>.<pid>).")
+        str | None, typer.Option(help="Worker name (default: embedpipe@<host>.<pid>).")
     ] = None,
     metrics_port: Annotated[
         int | None,
@@ -187,9 +187,7 @@ def worker(
     One process per machine is right on CPU: the model already uses every core. Scale out
     with more machines (or processes pinned to cores); each loads the model once.
     """
-    import socket
-
-    from embedpipe.jobs.celery_app import WorkerContext, create_celery, register_tasks
+    from embedpipe.batches.worker import run_worker
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings()
@@ -202,21 +200,7 @@ def worker(
 
         metrics.serve_exposition(settings.host, port)
         console.print(f"metrics on http://{settings.host}:{port}/metrics")
-    celery = create_celery(settings)
-    register_tasks(celery, WorkerContext(settings), settings.jobs.queue)
-    name = hostname or f"embedpipe@{socket.gethostname()}.{os.getpid()}"
-    # solo pool: the chunk runs in this process, where the model is loaded once.
-    celery.worker_main(
-        [
-            "worker",
-            "--pool=solo",
-            f"--loglevel={loglevel}",
-            f"--hostname={name}",
-            f"--queues={settings.jobs.queue}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    run_worker(settings, loglevel=loglevel, hostname=hostname)
 
 
 @app.command()
@@ -283,10 +267,10 @@ def embed(
 
     Resumable: after an interruption, run the same command again to continue.
     """
+    from embedpipe.datasets.formats import input_kind
+    from embedpipe.datasets.formats import output_format as format_of
+    from embedpipe.datasets.local import default_output, embed_file, settings_for_embed
     from embedpipe.errors import EmbedpipeError
-    from embedpipe.jobs.formats import input_kind
-    from embedpipe.jobs.formats import output_format as format_of
-    from embedpipe.jobs.local import default_output, embed_file, settings_for_embed
 
     err = Console(stderr=True)
     if server is not None:
@@ -353,10 +337,10 @@ def _embed_on_server(
 ) -> None:
     from openai import APIError, APIStatusError, OpenAI, OpenAIError
 
+    from embedpipe.datasets.formats import output_format as format_of
+    from embedpipe.datasets.progress import RichProgress
+    from embedpipe.datasets.remote import RemoteJob, run_remote_job
     from embedpipe.errors import EmbedpipeError
-    from embedpipe.jobs.formats import output_format as format_of
-    from embedpipe.jobs.progress import RichProgress
-    from embedpipe.jobs.remote import RemoteJob, run_remote_job
 
     client = OpenAI(base_url=server.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=3)
     try:

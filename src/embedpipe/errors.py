@@ -1,12 +1,15 @@
-"""Domain errors. They know nothing about HTTP; ``api/errors.py`` maps each to a status.
+"""Domain errors. They know nothing about HTTP; ``error_status.py`` maps each to a status.
 
 EmbedpipeError
 ├── InvalidInput          the request is malformed (bad types, empty text, bad dimensions)
 │   └── TooLarge          what it sends (an uploaded file) is over its size limit
 ├── ModelNotFound         no served model has that name
+├── NotFound              no such file or batch (or not this API key's)
 ├── Overloaded            the queue is full; retry after ``retry_after`` seconds
 ├── NotReady              models are loading or the process is draining
 ├── ModelFailed           the model raised while computing a batch (details only in logs)
+├── ModelLoadError        at start-up: the weights are missing, unreadable or not the expected
+├── DatasetError          ``embedpipe embed``: the input or output file cannot be used
 └── UpstreamError         an upstream embedding API (``openai`` backend) could not answer
     ├── UpstreamRateLimited   it kept answering 429; retry after ``retry_after`` seconds
     ├── UpstreamUnavailable   its circuit breaker is open: no call is tried for now
@@ -54,6 +57,15 @@ class NotReady(EmbedpipeError):
 
 class ModelFailed(EmbedpipeError):
     pass
+
+
+class ModelLoadError(EmbedpipeError):
+    """The weights are missing, unreadable or not the ones expected."""
+
+
+class DatasetError(EmbedpipeError):
+    """The input or output file cannot be used as a whole (unknown format, missing column,
+    not UTF-8, a fatal bad row)."""
 
 
 class UpstreamError(EmbedpipeError):

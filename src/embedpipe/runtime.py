@@ -1,8 +1,10 @@
 """The process's shared resources, built once at start-up and closed at shutdown.
 
-``Runtime.open(settings)`` is the composition root below the CLI: it loads the models,
-opens the cache, starts one batcher per model (a micro-batcher for a local model, an upstream
-batcher for an ``openai``-backend one) and builds the EmbeddingService.
+``Runtime.open(settings)`` is the one function that builds the core for every process kind:
+the API (``api/app.py``), the Celery worker (``batches/worker.py``) and ``embedpipe embed``
+(``datasets/local.py``). It loads the models, opens the cache, starts one batcher per model (a
+micro-batcher for a local model, an upstream batcher for an ``openai``-backend one), builds
+the rate limiter and the EmbeddingService, and registers each one's close as it opens it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import gc
 import logging
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from embedpipe.batcher import Batcher, MicroBatcher
@@ -38,45 +41,63 @@ class Runtime:
     # What the process still waits for before it is ready (e.g. "broker"): /ready answers 503.
     not_ready: set[str] = field(default_factory=set)
 
+    # Every resource's close, registered as it was opened; closed last-opened first.
+    resources: AsyncExitStack = field(default_factory=AsyncExitStack)
+
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
-        specs = parse_model_specs(settings.model, settings.extra_models, settings.backend)
-        # A process serving only upstream models runs no model: it never loads torch.
-        local = any(spec.backend != "openai" for spec in specs)
-        threads = await asyncio.to_thread(configure_threads, settings.model_threads) if local else 0
-        registry = ModelRegistry()
-        batchers: dict[str, Batcher] = {}
-        for spec in specs:
-            if spec.backend == "openai":
-                from embedpipe.upstream import open_upstream  # the openai SDK: ~1 s to import
+        """Build everything; if any step fails, close what the earlier steps opened."""
+        async with AsyncExitStack() as stack:
+            specs = parse_model_specs(settings.model, settings.extra_models, settings.backend)
+            # A process serving only upstream models runs no model: it never loads torch.
+            local = any(spec.backend != "openai" for spec in specs)
+            threads = (
+                await asyncio.to_thread(configure_threads, settings.model_threads) if local else 0
+            )
+            # Opened first, closed last: batchers that are stopping still write back to it.
+            cache = await open_cache(settings)
+            stack.push_async_callback(cache.close)
+            registry = ModelRegistry()
+            batchers: dict[str, Batcher] = {}
+            for spec in specs:
+                batcher: Batcher
+                if spec.backend == "openai":
+                    from embedpipe.upstream import open_upstream  # the openai SDK: ~1 s to import
 
-                # No call (no warm-up): an upstream that is down must not keep this process
-                # from becoming ready and serving its cache and its other models.
-                upstream, batchers[spec.name] = open_upstream(spec, settings)
-                registry.add(spec, upstream)
-                continue
-            embedder = await asyncio.to_thread(load_embedder, spec, settings)
-            # Warm up: the first call allocates and is several times slower than the rest.
-            await asyncio.to_thread(embedder.embed, ["warm up the model", "a second text"])
-            registry.add(spec, embedder)
-            batchers[spec.name] = MicroBatcher(embedder, settings.batching)
-        log.info("serving %d model(s) with %d intra-op threads", len(registry), threads)
-        cache = await open_cache(settings)
-        for batcher in batchers.values():
-            batcher.start()
-        service = EmbeddingService(registry, batchers, cache, settings.cache)
-        # What is loaded now (torch, transformers, the models: ~500k objects) lives as long as
-        # the process. Frozen, the cyclic GC stops walking it in every full collection, which
-        # took ~0.5 s here with every request stalled behind it.
-        gc.freeze()
-        return cls(
-            settings=settings,
-            service=service,
-            default_model=specs[0].name,
-            batchers=batchers,
-            cache=cache,
-            limiter=RateLimiter.from_settings(settings),
-        )
+                    # No call (no warm-up): an upstream that is down must not keep this process
+                    # from becoming ready and serving its cache and its other models.
+                    upstream, batcher = open_upstream(spec, settings)
+                    stack.push_async_callback(batcher.stop)
+                    registry.add(spec, upstream)
+                else:
+                    embedder = await asyncio.to_thread(load_embedder, spec, settings)
+                    # Warm up: the first call allocates and is several times slower than the
+                    # rest.
+                    await asyncio.to_thread(embedder.embed, ["warm up the model", "a second text"])
+                    registry.add(spec, embedder)
+                    batcher = MicroBatcher(embedder, settings.batching)
+                    stack.push_async_callback(batcher.stop)
+                batchers[spec.name] = batcher
+            log.info("serving %d model(s) with %d intra-op threads", len(registry), threads)
+            for batcher in batchers.values():
+                batcher.start()
+            limiter = RateLimiter.from_settings(settings)
+            stack.push_async_callback(limiter.close)
+            service = EmbeddingService(registry, batchers, cache, settings.cache)
+            # What is loaded now (torch, transformers, the models: ~500k objects) lives as long
+            # as the process. Frozen, the cyclic GC stops walking it in every full collection,
+            # which took ~0.5 s here with every request stalled behind it.
+            gc.freeze()
+            return cls(
+                settings=settings,
+                service=service,
+                default_model=specs[0].name,
+                batchers=batchers,
+                cache=cache,
+                limiter=limiter,
+                resources=stack.pop_all(),
+            )
+        raise AssertionError("unreachable")  # mypy: the block above returns or raises
 
     def start_draining(self) -> None:
         """From now on /ready answers 503 so load balancers stop sending new work.
@@ -85,12 +106,11 @@ class Runtime:
         self.draining = True
 
     async def close(self) -> None:
+        """Stop the batchers (what they hold finishes), then close the limiter and the
+        cache. One failing close does not skip the others."""
         log.info("shutting down: stopping the batchers and closing the cache")
         self.draining = True
-        for batcher in self.batchers.values():
-            await batcher.stop()
-        await self.cache.close()
-        await self.limiter.close()
+        await self.resources.aclose()
 
     @property
     def uptime_seconds(self) -> float:

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from embedpipe.api.schemas import EmbeddingRequest
-from embedpipe.jobs import processor as processor_module
-from embedpipe.jobs.objects import batch_object, new_batch_id, new_file_id, now
-from embedpipe.jobs.processor import BatchProcessor
-from embedpipe.jobs.storage import Storage
-from embedpipe.jobs.store import JobStore
-from embedpipe.jobs.store_redis import RedisJobStore
-from embedpipe.jobs.store_sqlite import SqliteJobStore
+from embedpipe.batches import processor as processor_module
+from embedpipe.batches.objects import batch_object, new_batch_id, new_file_id, now
+from embedpipe.batches.processor import BatchProcessor
+from embedpipe.batches.storage import Storage
+from embedpipe.batches.store import JobStore
+from embedpipe.batches.store_redis import RedisJobStore
+from embedpipe.batches.store_sqlite import SqliteJobStore
+from embedpipe.operations.openai_embeddings import EmbeddingRequest
 from embedpipe.settings import JobsSettings
 
 pytestmark = pytest.mark.redis

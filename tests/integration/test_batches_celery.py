@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from embedpipe.jobs.celery_app import create_celery
-from embedpipe.jobs.runner import CHUNK_TASK
+from embedpipe.batches.celery_app import create_celery
+from embedpipe.batches.runner import CHUNK_TASK
 from embedpipe.settings import Settings
 from tests.conftest import require_redis_server
 from tests.integration.batch_helpers import (

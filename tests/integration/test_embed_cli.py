@@ -29,11 +29,11 @@ from openai import NotFoundError, OpenAI
 
 from embedpipe.batcher import MicroBatcher
 from embedpipe.cache import MemoryTier, TieredCache
+from embedpipe.datasets.formats import OutputFormat
+from embedpipe.datasets.local import EmbedJob, default_output, run_embed_job
+from embedpipe.datasets.progress import JobReport, ProgressUpdate
 from embedpipe.embedders import ModelRegistry, ModelSpec
-from embedpipe.errors import ModelFailed
-from embedpipe.jobs.formats import DatasetError, OutputFormat
-from embedpipe.jobs.local import EmbedJob, default_output, run_embed_job
-from embedpipe.jobs.progress import JobReport, ProgressUpdate
+from embedpipe.errors import DatasetError, ModelFailed
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import BatchingSettings, CacheSettings
 from tests.fakes import FakeEmbedder, vector_for

@@ -28,12 +28,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from openai import OpenAI
 
-from embedpipe.api.schemas import EmbeddingRequest
-from embedpipe.jobs.objects import batch_object, new_batch_id, new_file_id
-from embedpipe.jobs.processor import BatchProcessor
-from embedpipe.jobs.storage import Storage
-from embedpipe.jobs.store_sqlite import SqliteJobStore
-from embedpipe.openai_embeddings import create_embeddings
+from embedpipe.batches.objects import batch_object, new_batch_id, new_file_id
+from embedpipe.batches.processor import BatchProcessor
+from embedpipe.batches.storage import Storage
+from embedpipe.batches.store_sqlite import SqliteJobStore
+from embedpipe.operations.openai_embeddings import EmbeddingRequest, create_embeddings
 from embedpipe.settings import JobsSettings, Settings
 from tests.fakes import fake_app
 from tests.integration.batch_helpers import read_lines, wait_for

@@ -27,9 +27,9 @@ from embedpipe.api.app import create_app
 from embedpipe.api.security import OPEN_PATHS
 from embedpipe.auth import KeyStore
 from embedpipe.batcher import MicroBatcher
+from embedpipe.batches.objects import new_batch_id, new_file_id
 from embedpipe.cache import MemoryTier, RedisTier, TieredCache
 from embedpipe.embedders import ModelRegistry, ModelSpec, Vectors
-from embedpipe.jobs.objects import new_batch_id, new_file_id
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import BatchingSettings, CacheSettings, Settings
 from tests.fakes import FakeEmbedder, vector_for

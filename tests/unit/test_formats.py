@@ -13,15 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe.jobs.formats import (
+from embedpipe.datasets.formats import (
     BadRow,
-    DatasetError,
     Row,
     RowId,
     open_reader,
     open_writer,
     output_format,
 )
+from embedpipe.errors import DatasetError
 
 TEXTS = ["first text", "a second, with a comma", 'quotes " and \\ slashes', "ünïcødé ✓"]
 

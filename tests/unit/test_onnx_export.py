@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from embedpipe.embedders.onnx_export import METADATA_FILE, MODEL_FILE, export_id, publish
-from embedpipe.embedders.sentence_transformers import ModelLoadError
+from embedpipe.errors import ModelLoadError
 
 
 def _slow_build(out: Path, marker: Path) -> None:

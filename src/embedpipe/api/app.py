@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
@@ -26,8 +26,8 @@ from embedpipe.api.observability import (
 )
 from embedpipe.api.openapi import install_openapi
 from embedpipe.api.security import install_security
-from embedpipe.jobs.resume import ResumeWhenReachable
-from embedpipe.jobs.wiring import open_job_service
+from embedpipe.batches.resume import ResumeWhenReachable
+from embedpipe.batches.wiring import open_job_service
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
 
@@ -42,21 +42,23 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.open(settings)
-        app.state.runtime = runtime
-        app.state.jobs = jobs = await open_job_service(settings, runtime)
-        # A broker that is down keeps this process unready, not dead (and retried).
-        resume = ResumeWhenReachable(jobs.resume_active, runtime.not_ready)
-        await resume.start()
-        on_startup(runtime, traffic)
-        try:
+        # Each resource's close is registered as it opens: a failing step (the job store, say)
+        # still closes the models, batchers and cache opened before it, and one failing
+        # close does not skip the others.
+        async with AsyncExitStack() as resources:
+            resources.callback(on_shutdown)  # runs last
+            runtime = await Runtime.open(settings)
+            resources.push_async_callback(runtime.close)
+            jobs = await open_job_service(settings, runtime)
+            resources.push_async_callback(jobs.close)
+            # A broker that is down keeps this process unready, not dead (and retried).
+            resume = ResumeWhenReachable(jobs.resume_active, runtime.not_ready)
+            await resume.start()
+            resources.push_async_callback(resume.close)
+            app.state.runtime, app.state.jobs = runtime, jobs
+            on_startup(runtime, traffic)
             with on_shutdown_signal(runtime.start_draining, settings.drain_delay_seconds):
                 yield
-        finally:
-            await resume.close()
-            await jobs.close()
-            await runtime.close()
-            on_shutdown()
 
     app = FastAPI(
         title="embedpipe",

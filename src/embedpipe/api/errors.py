@@ -1,4 +1,5 @@
-"""The one mapping from errors to HTTP: OpenAI's envelope everywhere, never a stack trace.
+"""Errors as HTTP answers: OpenAI's envelope everywhere, never a stack trace. The status of
+a domain error comes from ``embedpipe.error_status`` (shared with batch output lines).
 
 ``{"error": {"message", "type", "param", "code"}}``
 """
@@ -17,37 +18,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from embedpipe.error_status import status_for
 from embedpipe.errors import (
     EmbedpipeError,
-    InvalidInput,
-    ModelFailed,
-    ModelNotFound,
-    NotFound,
     NotReady,
     Overloaded,
-    TooLarge,
-    UpstreamError,
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
 
 log = logging.getLogger("embedpipe.api")
-
-# error class -> (status, OpenAI error type)
-_STATUS: dict[type[EmbedpipeError], tuple[int, str]] = {
-    TooLarge: (413, "invalid_request_error"),  # before InvalidInput: the first match wins
-    InvalidInput: (400, "invalid_request_error"),
-    ModelNotFound: (404, "invalid_request_error"),
-    NotFound: (404, "invalid_request_error"),
-    Overloaded: (503, "server_overloaded"),
-    NotReady: (503, "service_unavailable"),
-    ModelFailed: (500, "server_error"),
-    # The upstream API (``openai`` backend): its 429 stays a 429; its failures are a bad
-    # gateway (502), or 503 while its circuit breaker is open.
-    UpstreamRateLimited: (429, "rate_limit_error"),
-    UpstreamUnavailable: (503, "service_unavailable"),
-    UpstreamError: (502, "upstream_error"),
-}
 
 _HTTP_TYPES = {
     400: "invalid_request_error",
@@ -73,14 +53,6 @@ def error_response(
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return Response(
         orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
-    )
-
-
-def status_for(exc: EmbedpipeError) -> tuple[int, str]:
-    """The HTTP status and OpenAI error type of a domain error (also used in batch output)."""
-    return next(
-        (mapped for cls, mapped in _STATUS.items() if isinstance(exc, cls)),
-        (500, "server_error"),
     )
 
 

@@ -14,8 +14,8 @@ from starlette.responses import FileResponse, Response
 
 from embedpipe.api.deps import body_schema, json_body, json_response
 from embedpipe.api.schemas import ErrorBody
-from embedpipe.jobs.objects import JsonDict
-from embedpipe.jobs.service import JobService
+from embedpipe.batches.objects import JsonDict
+from embedpipe.batches.service import JobService
 
 router = APIRouter(prefix="/v1", tags=["Files and batches"])
 

@@ -14,9 +14,9 @@ from embedpipe.api.deps import (
     json_response,
     unless_disconnected,
 )
-from embedpipe.api.schemas import EmbeddingRequest, EmbeddingResponse, ErrorBody, ModelList
+from embedpipe.api.schemas import EmbeddingResponse, ErrorBody, ModelList
 from embedpipe.api.security import admit
-from embedpipe.openai_embeddings import prepare, respond
+from embedpipe.operations.openai_embeddings import EmbeddingRequest, prepare, respond
 from embedpipe.runtime import Runtime
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])

@@ -1,31 +1,11 @@
-"""Wire models only: what clients send and get. Validation of ``input`` lives in inputs.py."""
+"""Wire models only: what clients send and get. Validation of ``input`` lives in inputs.py;
+OpenAI's embeddings request lives with its operation (``operations/openai_embeddings.py``)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class EmbeddingRequest(BaseModel):
-    """OpenAI's embeddings request."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    input: Any = Field(
-        description="A string, a list of strings, a list of cl100k_base token ids, or a list "
-        "of token-id lists.",
-        examples=["The food was delicious and the waiter..."],
-    )
-    model: str = Field(examples=["all-MiniLM-L6-v2"])
-    encoding_format: Literal["float", "base64"] = "float"
-    # Strict: a JSON true or "8" is a client's mistake, not the size 1 or 8.
-    dimensions: int | None = Field(
-        None,
-        strict=True,
-        description="Return the first N dimensions, renormalised to unit length.",
-    )
-    user: str | None = None
+from pydantic import BaseModel, Field
 
 
 class EmbedRequest(BaseModel):

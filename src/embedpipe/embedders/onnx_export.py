@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from embedpipe.embedders.sentence_transformers import ModelLoadError
+from embedpipe.errors import ModelLoadError
 
 log = logging.getLogger("embedpipe.model")
 

@@ -13,15 +13,11 @@ from typing import Any
 import numpy as np
 
 from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
-from embedpipe.errors import EmbedpipeError
+from embedpipe.errors import ModelLoadError
 
 log = logging.getLogger("embedpipe.model")
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-class ModelLoadError(EmbedpipeError):
-    """The weights are missing, unreadable or not the ones expected."""
 
 
 def file_sha256(path: Path) -> str:

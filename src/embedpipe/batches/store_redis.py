@@ -14,8 +14,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from embedpipe.jobs.objects import ACTIVE_STATUSES, JsonDict
-from embedpipe.jobs.store import ChunkCounts
+from embedpipe.batches.objects import ACTIVE_STATUSES, JsonDict
+from embedpipe.batches.store import ChunkCounts
 
 # KEYS: batch hash, active set. ARGV: new status (JSON), batch id, is-active flag,
 # allowed statuses (JSON array of JSON strings), then field/value pairs.

@@ -31,10 +31,8 @@ import numpy as np
 import pyarrow as pa
 from rich.console import Console
 
-from embedpipe.embedders import parse_model_specs
-from embedpipe.jobs.formats import (
+from embedpipe.datasets.formats import (
     BadRow,
-    DatasetError,
     OutputFormat,
     Row,
     RowReader,
@@ -42,8 +40,10 @@ from embedpipe.jobs.formats import (
     open_reader,
     open_writer,
 )
-from embedpipe.jobs.progress import JobReport, ProgressUpdate, RichProgress
-from embedpipe.jobs.workdir import WorkDir, file_identity, fsync_dir
+from embedpipe.datasets.progress import JobReport, ProgressUpdate, RichProgress
+from embedpipe.datasets.workdir import WorkDir, file_identity, fsync_dir
+from embedpipe.embedders import parse_model_specs
+from embedpipe.errors import DatasetError
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import Settings
 

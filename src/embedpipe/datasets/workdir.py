@@ -16,7 +16,8 @@ from typing import Any, Self
 import numpy as np
 import pyarrow as pa
 
-from embedpipe.jobs.formats import DatasetError, Matrix, embedding_type, vectors_to_arrow
+from embedpipe.datasets.formats import Matrix, embedding_type, vectors_to_arrow
+from embedpipe.errors import DatasetError
 
 
 class WorkDir:

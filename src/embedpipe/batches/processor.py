@@ -26,8 +26,10 @@ import orjson
 from pydantic import ValidationError
 
 from embedpipe import metrics
-from embedpipe.api.errors import status_for
-from embedpipe.api.schemas import EmbeddingRequest
+from embedpipe.batches.objects import JsonDict, file_object, now
+from embedpipe.batches.storage import Storage, concatenate_atomically, write_atomically
+from embedpipe.batches.store import JobStore
+from embedpipe.error_status import status_for
 from embedpipe.errors import (
     EmbedpipeError,
     NotReady,
@@ -35,13 +37,11 @@ from embedpipe.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from embedpipe.jobs.objects import JsonDict, file_object, now
-from embedpipe.jobs.storage import Storage, concatenate_atomically, write_atomically
-from embedpipe.jobs.store import JobStore
+from embedpipe.operations.openai_embeddings import EmbeddingRequest
 from embedpipe.settings import JobsSettings
 from embedpipe.tenancy import serving_tenant
 
-log = logging.getLogger("embedpipe.jobs")
+log = logging.getLogger("embedpipe.batches")
 
 # One embeddings request body in, the response body out (raises EmbedpipeError).
 EmbedRequest = Callable[[EmbeddingRequest], Awaitable[dict[str, Any]]]

@@ -12,12 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from embedpipe.batches.objects import is_batch_id, is_file_id
 from embedpipe.errors import TooLarge
-from embedpipe.jobs.objects import is_batch_id, is_file_id
-
-
-class FileTooLarge(TooLarge):
-    pass
 
 
 class Storage:
@@ -38,7 +34,7 @@ class Storage:
         return self.batches_dir / batch_id
 
     def save_upload(self, file_id: str, source: BinaryIO, max_bytes: int) -> int:
-        """Copy an upload to disk (blocking: call it in a thread); FileTooLarge past
+        """Copy an upload to disk (blocking: call it in a thread); TooLarge past
         ``max_bytes``, and then nothing is left behind."""
         target = self.file_path(file_id)
         handle, temp = tempfile.mkstemp(dir=self.files_dir, prefix=".upload-")
@@ -48,9 +44,7 @@ class Storage:
                 while block := source.read(1 << 20):
                     size += len(block)
                     if size > max_bytes:
-                        raise FileTooLarge(
-                            f"The file is larger than {max_bytes} bytes.", param="file"
-                        )
+                        raise TooLarge(f"The file is larger than {max_bytes} bytes.", param="file")
                     out.write(block)
             os.replace(temp, target)
         except BaseException:

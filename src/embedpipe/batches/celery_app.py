@@ -1,5 +1,6 @@
 """The Celery application, built from settings (no module-level app), and its tasks.
 
+The API process only publishes (``runner.CeleryRunner``); ``batches/worker.py`` consumes.
 Tasks are thin adapters over BatchProcessor. Reliability comes from the configuration:
 acks late + reject on worker lost + the Redis visibility timeout mean a chunk whose worker
 died (even by SIGKILL) is delivered again; idempotent chunk commits make that harmless.
@@ -7,19 +8,16 @@ died (even by SIGKILL) is delivered again; idempotent chunk commits make that ha
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import threading
 from collections.abc import Coroutine
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from celery import Celery, Task
 
-from embedpipe.jobs.runner import CHUNK_TASK, PREPARE_TASK
+from embedpipe.batches.runner import CHUNK_TASK, PREPARE_TASK
 from embedpipe.settings import Settings
 
-log = logging.getLogger("embedpipe.worker")
+if TYPE_CHECKING:
+    from embedpipe.batches.processor import BatchProcessor
 
 T = TypeVar("T")
 
@@ -48,40 +46,16 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-class WorkerContext:
-    """What one worker process needs, made once on first use: an event loop on its own
-    thread, the Runtime (model, cache, batcher) and the BatchProcessor."""
+class ChunkContext(Protocol):
+    """What the tasks run on: the worker's processor, opened once, and a way to run a
+    coroutine on the worker's event loop (``batches/worker.py``)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="embedpipe-loop", daemon=True
-        )
-        self._thread.start()
-        self._opened: Future[Any] | None = None
-        self._lock = threading.Lock()
+    def processor(self) -> BatchProcessor: ...
 
-    def run(self, work: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
-
-    def processor(self) -> Any:
-        with self._lock:
-            if self._opened is None:
-                self._opened = asyncio.run_coroutine_threadsafe(self._open(), self._loop)
-        return self._opened.result()
-
-    async def _open(self) -> Any:
-        from embedpipe.jobs.wiring import open_processor
-        from embedpipe.runtime import Runtime
-
-        runtime = await Runtime.open(self._settings)
-        processor, _store = await open_processor(self._settings, runtime)
-        log.info("worker ready: models loaded, job store open")
-        return processor
+    def run(self, work: Coroutine[Any, Any, T]) -> T: ...
 
 
-def register_tasks(app: Celery, context: WorkerContext, queue: str) -> None:
+def register_tasks(app: Celery, context: ChunkContext, queue: str) -> None:
     @app.task(name=PREPARE_TASK, bind=True, max_retries=10, default_retry_delay=5)  # type: ignore[untyped-decorator]
     def prepare_batch(task: Task[Any, Any], batch_id: str) -> None:
         processor = context.processor()

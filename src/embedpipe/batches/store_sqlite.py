@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from embedpipe.jobs.objects import ACTIVE_STATUSES, JsonDict
-from embedpipe.jobs.store import ChunkCounts
+from embedpipe.batches.objects import ACTIVE_STATUSES, JsonDict
+from embedpipe.batches.store import ChunkCounts
 
 T = TypeVar("T")
 

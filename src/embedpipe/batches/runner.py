@@ -11,15 +11,16 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from embedpipe.jobs.processor import BatchProcessor
+from embedpipe.batches.processor import BatchProcessor
 
 if TYPE_CHECKING:
     from celery import Celery
 
-log = logging.getLogger("embedpipe.jobs")
+log = logging.getLogger("embedpipe.batches")
 
 PREPARE_TASK = "embedpipe.prepare_batch"
 CHUNK_TASK = "embedpipe.run_chunk"
+
 _CHUNK_ATTEMPTS = 6
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from embedpipe.jobs.objects import JsonDict
+from embedpipe.batches.objects import JsonDict
 
 
 @dataclass(frozen=True, slots=True)

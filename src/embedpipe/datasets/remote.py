@@ -34,9 +34,8 @@ import pyarrow as pa
 from openai import OpenAI, OpenAIError
 from openai.types import Batch
 
-from embedpipe.jobs.formats import (
+from embedpipe.datasets.formats import (
     BadRow,
-    DatasetError,
     OutputFormat,
     Row,
     RowId,
@@ -45,8 +44,9 @@ from embedpipe.jobs.formats import (
     open_reader,
     open_writer,
 )
-from embedpipe.jobs.progress import JobReport, ProgressUpdate
-from embedpipe.jobs.workdir import atomic_write, file_identity, fsync_dir
+from embedpipe.datasets.progress import JobReport, ProgressUpdate
+from embedpipe.datasets.workdir import atomic_write, file_identity, fsync_dir
+from embedpipe.errors import DatasetError
 
 STATE_VERSION = 1
 # The server's default limits per batch (EMBEDPIPE_JOBS__MAX_REQUESTS_PER_BATCH, 50,000, and

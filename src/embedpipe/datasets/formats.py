@@ -35,7 +35,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedpipe.errors import EmbedpipeError
+from embedpipe.errors import DatasetError
 
 OutputFormat = Literal["parquet", "npy", "jsonl"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
@@ -59,11 +59,6 @@ _BOM = b"\xef\xbb\xbf"
 _CSV_FIELD_LIMIT = 64 * 1024 * 1024
 _PARQUET_READ_ROWS = 4096
 _ROW_GROUP_ROWS = 8192  # ~12 MiB of 384-d vectors per Parquet row group
-
-
-class DatasetError(EmbedpipeError):
-    """The input or output file cannot be used as a whole (unknown format, missing column,
-    not UTF-8, a fatal bad row)."""
 
 
 @dataclass(frozen=True, slots=True)

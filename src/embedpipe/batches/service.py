@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from embedpipe import metrics
-from embedpipe.errors import InvalidInput, NotFound
-from embedpipe.jobs.objects import (
+from embedpipe.batches.objects import (
     COMPLETION_WINDOW_SECONDS,
     JsonDict,
     batch_object,
@@ -24,10 +23,11 @@ from embedpipe.jobs.objects import (
     new_batch_id,
     new_file_id,
 )
-from embedpipe.jobs.processor import BatchProcessor
-from embedpipe.jobs.runner import Runner
-from embedpipe.jobs.storage import Storage
-from embedpipe.jobs.store import JobStore
+from embedpipe.batches.processor import BatchProcessor
+from embedpipe.batches.runner import Runner
+from embedpipe.batches.storage import Storage
+from embedpipe.batches.store import JobStore
+from embedpipe.errors import InvalidInput, NotFound
 from embedpipe.settings import JobsSettings
 
 
@@ -48,11 +48,11 @@ class JobService:
 
     async def close(self) -> None:
         await self._runner.close()
+        await self._store.close()
 
     async def resume_active(self) -> None:
         """Pick up the batches that were active when the last process stopped."""
         await self._runner.resume(await self._store.active_batch_ids())
-        await self._store.close()
 
     # -- files -----------------------------------------------------------------------------
 

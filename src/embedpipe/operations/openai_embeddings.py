@@ -8,13 +8,35 @@ line gets exactly what the same request would get online. The route runs the ste
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from embedpipe.api.schemas import EmbeddingRequest
+from pydantic import BaseModel, ConfigDict, Field
+
 from embedpipe.inputs import TokenDecoder, normalize_input
 from embedpipe.service import EmbeddingService, EmbedResult
 from embedpipe.settings import LimitsSettings
 from embedpipe.vectors import check_dimensions, to_base64, truncate
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: Any = Field(
+        description="A string, a list of strings, a list of cl100k_base token ids, or a list "
+        "of token-id lists.",
+        examples=["The food was delicious and the waiter..."],
+    )
+    model: str = Field(examples=["all-MiniLM-L6-v2"])
+    encoding_format: Literal["float", "base64"] = "float"
+    # Strict: a JSON true or "8" is a client's mistake, not the size 1 or 8.
+    dimensions: int | None = Field(
+        None,
+        strict=True,
+        description="Return the first N dimensions, renormalised to unit length.",
+    )
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

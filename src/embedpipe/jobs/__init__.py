@@ -1,1 +1,0 @@
-"""Batch jobs: dataset files in and vectors out (``formats``), run in process (``local``)."""
