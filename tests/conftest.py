@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,10 +16,20 @@ from tests.redis_server import NO_REDIS_SERVER, RedisServer, find_redis_server
 
 TEST_REDIS_URL_ENV = "EMBEDPIPE_TEST_REDIS_URL"
 TEST_AMQP_URL_ENV = "EMBEDPIPE_TEST_AMQP_URL"
+# Builds images and runs the compose stack in Docker (~15 min): collected only when named,
+# as `make test-stack` does (`pytest tests/stack`), never by a plain `pytest`.
+STACK_TESTS = Path(__file__).resolve().parent / "stack"
 
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if collection_path != STACK_TESTS:
+        return None
+    named = [(config.invocation_params.dir / arg.split("::")[0]).resolve() for arg in config.args]
+    return not any(path == STACK_TESTS or STACK_TESTS in path.parents for path in named)
 
 
 def require_redis_server() -> None:

@@ -41,7 +41,8 @@ class ServerProcess:
         }
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 180.0) -> ServerProcess:
+    def start(self, timeout: float = 180.0, probe: str = "/ready") -> ServerProcess:
+        """Start and wait until ``probe`` answers 200 (``/health``: serving, maybe unready)."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "embedpipe", "serve"],
@@ -55,7 +56,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}{probe}", timeout=1.0).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -40,6 +40,8 @@ class Runtime:
     token_decoder: TokenDecoder = field(default_factory=TokenDecoder)
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    # What the process still waits for before it is ready (e.g. "broker"): /ready answers 503.
+    not_ready: set[str] = field(default_factory=set)
 
     # Every resource's close, registered as it was opened; closed last-opened first.
     resources: AsyncExitStack = field(default_factory=AsyncExitStack)

@@ -103,11 +103,22 @@ def raw_compose() -> dict[str, Any]:
     return loaded
 
 
+# The env_file of the embedpipe services: the .env the user passes with --env-file.
+DOT_ENV_FILE = "../.env"
+
+
 def compose(overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The compose file with the values of .env.example, as a user's first ``up`` sees it
-    (plus ``overrides``: what that user changed in .env)."""
+    (plus ``overrides``: what that user changed in .env). As ``docker compose config`` shows
+    it, a service's env_file (that same .env) is merged into its environment, which wins."""
     variables = {**read_env_file(), **(overrides or {})}
     interpolated: dict[str, Any] = _interpolate_tree(raw_compose(), variables)
+    for name, service in interpolated["services"].items():
+        env_file = service.pop("env_file", None)
+        if env_file is None:
+            continue
+        assert env_file == DOT_ENV_FILE, f"{name}: env_file {env_file!r}"
+        service["environment"] = {**variables, **environment(service)}
     return interpolated
 
 
@@ -148,7 +159,8 @@ def loopback_environment(
     services = set(stack["services"])
     for key, value in env.items():
         for target, address in addresses.items():
-            value = re.sub(rf"//{re.escape(target)}:\d+", f"//{address}", value)
+            # The password in the URL too: the stand-in Redis servers have none.
+            value = re.sub(rf"//(?:[^/@]*@)?{re.escape(target)}:\d+", f"//{address}", value)
         unmapped = [name for name in services if re.search(rf"//{re.escape(name)}[:/]", value)]
         assert not unmapped, f"{service}: {key} names {unmapped}, which has no stand-in"
         env[key] = value

@@ -24,6 +24,7 @@ from tests.deploy.stack import (
     COMPOSE_FILE,
     DEPLOY,
     DOCKERFILE,
+    DOT_ENV_FILE,
     ENV_EXAMPLE,
     NGINX_CONF,
     MissingVariable,
@@ -40,7 +41,11 @@ from tests.deploy.stack import (
 )
 
 # What a user must add to a copied .env.example before the first `up`.
-FIRST_RUN = {"GRAFANA_ADMIN_PASSWORD": "a-password-of-the-test"}
+FIRST_RUN = {
+    "GRAFANA_ADMIN_PASSWORD": "a-password-of-the-test",
+    "EMBEDPIPE_API_KEYS": "sk-first,sk-second",
+    "STACK_REDIS_PASSWORD": "0123456789abcdef",
+}
 EMBEDPIPE_SERVICES = ("api", "worker")
 
 
@@ -86,16 +91,26 @@ def test_the_schema_check_does_catch_a_wrong_file(tmp_path: Path) -> None:
 def test_every_variable_comes_from_env_example_and_every_one_is_used() -> None:
     used = variables_used(COMPOSE_FILE.read_text())
     example = read_env_file()
-    assert set(used) == set(example), set(used) ^ set(example)
+    assert not set(used) - set(example), set(used) - set(example)
+    # The rest reaches the replicas through env_file (EMBEDPIPE_*) or compose itself.
+    unused = {name for name in set(example) - set(used) if not name.startswith("COMPOSE_")}
+    assert all(name.startswith("EMBEDPIPE_") for name in unused), unused
     # A default in compose.yaml is the value .env.example gives, so the two cannot drift.
     for name, default in used.items():
         if default is not None:
             assert default == example[name], f"{name}: compose {default!r}, .env.example"
 
 
-def test_grafana_refuses_to_start_without_a_password() -> None:
-    with pytest.raises(MissingVariable, match="GRAFANA_ADMIN_PASSWORD"):
-        compose()  # .env.example as it is: the password is empty
+@pytest.mark.parametrize("required", sorted(FIRST_RUN))
+def test_compose_refuses_to_start_without_keys_and_passwords(required: str) -> None:
+    """The API keys, the Redis password and Grafana's: none has a default."""
+    with pytest.raises(MissingVariable, match=required):
+        compose({**FIRST_RUN, required: ""})  # as .env.example leaves it: empty
+
+
+def test_grafana_gets_its_password_and_starts_only_with_its_profile() -> None:
+    assert raw_compose()["services"]["grafana"]["profiles"] == ["grafana"]
+    assert read_env_file()["COMPOSE_PROFILES"] == "grafana"  # on by default for users
     grafana = environment(compose(FIRST_RUN)["services"]["grafana"])
     assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == FIRST_RUN["GRAFANA_ADMIN_PASSWORD"]
     assert "admin" not in interpolate("${GRAFANA_ADMIN_PASSWORD:?}", FIRST_RUN)
@@ -133,18 +148,45 @@ def test_the_settings_a_service_gets_are_valid(
     settings = Settings(_env_file=None)
     assert settings.host == "0.0.0.0"
     assert str(settings.data_dir) == "/data"
-    # The cache (evicting) and the broker (never evicting) are two Redis services.
-    cache_host = re.fullmatch(r"redis://([\w-]+):6379/\d+", settings.redis_url)
-    broker_host = re.fullmatch(r"redis://([\w-]+):6379/\d+", settings.broker_url)
+    # The cache (evicting) and the broker (never evicting) are two Redis services, both
+    # behind the password of .env.
+    cache_host = re.fullmatch(r"redis://:(\w+)@([\w-]+):6379/\d+", settings.redis_url)
+    broker_host = re.fullmatch(r"redis://:(\w+)@([\w-]+):6379/\d+", settings.broker_url)
     assert cache_host and broker_host
-    assert cache_host[1] == "redis-cache" and broker_host[1] == "redis-broker"
+    assert cache_host[2] == "redis-cache" and broker_host[2] == "redis-broker"
+    assert cache_host[1] == broker_host[1] == FIRST_RUN["STACK_REDIS_PASSWORD"]
     if service == "api":
         assert settings.port == 8000
     else:
         assert settings.jobs.worker_metrics_port == 9101
 
 
+def test_every_embedpipe_setting_of_dot_env_reaches_the_replicas_and_workers() -> None:
+    """env_file: a setting .env.example does not list (here per-tenant caching and protected
+    metrics) reaches every replica and worker all the same; the stack's own values win."""
+    extra = {
+        "EMBEDPIPE_CACHE__PER_TENANT": "true",
+        "EMBEDPIPE_SECURITY__PROTECT_METRICS": "true",
+        "EMBEDPIPE_API_KEYS_FILE": "/data/keys.toml",
+    }
+    stack = compose({**FIRST_RUN, **extra})
+    dot_env = {**read_env_file(), **FIRST_RUN, **extra}
+    for service in EMBEDPIPE_SERVICES:
+        env = environment(stack["services"][service])
+        for name, value in dot_env.items():
+            if name.startswith("EMBEDPIPE_"):
+                assert env[name] == value, (service, name)
+        assert env["EMBEDPIPE_DATA_DIR"] == "/data"
+
+
 def test_the_two_redis_are_configured_for_their_jobs(stack: dict[str, Any]) -> None:
+    for service in ("redis-cache", "redis-broker"):
+        options = redis_options(stack["services"][service])
+        assert options["requirepass"] == FIRST_RUN["STACK_REDIS_PASSWORD"], service
+        # The health check's redis-cli authenticates from its environment, not argv.
+        assert environment(stack["services"][service]) == {
+            "REDISCLI_AUTH": FIRST_RUN["STACK_REDIS_PASSWORD"]
+        }
     cache = redis_options(stack["services"]["redis-cache"])
     assert re.fullmatch(r"\d+[kmg]b", cache["maxmemory"]) and cache["maxmemory"][0] != "0"
     assert cache["maxmemory-policy"] in ("allkeys-lfu", "allkeys-lru")
@@ -179,7 +221,11 @@ def test_the_api_scales_behind_one_published_port(stack: dict[str, Any]) -> None
     for scaled in (api, worker):
         # A published port or a fixed name would clash as soon as there are two.
         assert "ports" not in scaled and "container_name" not in scaled
-    assert lb["ports"] == ["8000:8000"]
+    # On loopback unless .env opens it, like Grafana.
+    assert lb["ports"] == ["127.0.0.1:8000:8000"]
+    assert stack["services"]["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
+    opened = compose({**FIRST_RUN, "STACK_BIND_ADDRESS": "0.0.0.0"})["services"]["lb"]
+    assert opened["ports"] == ["0.0.0.0:8000:8000"]
     assert re.search(r"^\s*listen 8000;", NGINX_CONF.read_text(), re.MULTILINE)
     assert lb["depends_on"] == {"api": {"condition": "service_healthy"}}
 
@@ -296,7 +342,22 @@ def test_nginx_sends_to_every_replica_and_lets_the_api_answer_errors(
 
 
 def test_env_example_is_the_only_settings_file() -> None:
-    """One place for every setting: compose passes no env_file of its own."""
+    """One place for every setting: the embedpipe services read the .env the user passes
+    with --env-file (made from .env.example), and no other file."""
     assert ENV_EXAMPLE.exists()
-    for service in raw_compose()["services"].values():
-        assert "env_file" not in service
+    for name, service in raw_compose()["services"].items():
+        expected = DOT_ENV_FILE if name in EMBEDPIPE_SERVICES else None
+        assert service.get("env_file") == expected, name
+
+
+def test_nginx_skips_a_draining_replica_where_a_request_may_be_sent_twice() -> None:
+    """A replica answers 503 from SIGTERM until its listener closes: nginx sends the request
+    to another one, POSTs included, except where a POST creates state (files, batches). Run
+    for real in tests/stack (a replica stopped under load: no client error)."""
+    conf = NGINX_CONF.read_text()
+    locations = dict(re.findall(r"\n    location (.+?) \{(.*?)\n    \}", conf, re.DOTALL))
+    assert "proxy_next_upstream error timeout http_503 non_idempotent;" in locations["/"]
+    stateful = locations["~ ^/v1/(files|batches)(/|$)"]
+    assert "http_503" in stateful and "non_idempotent" not in stateful
+    # Never a slow answer sent twice: only within a short time of the first try.
+    assert re.search(r"proxy_next_upstream_timeout \d+s;", conf)

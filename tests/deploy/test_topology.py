@@ -59,6 +59,8 @@ DOT_ENV = {
     "EMBEDPIPE_JOBS__CHUNK_SIZE": str(CHUNK_SIZE),
     "EMBEDPIPE_MODEL_THREADS": "1",
     "GRAFANA_ADMIN_PASSWORD": "not-used-here",
+    "EMBEDPIPE_API_KEYS": "sk-not-used-here",
+    "STACK_REDIS_PASSWORD": "not-used-here",
 }
 
 
@@ -81,13 +83,17 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         RedisServer.start_new(root / "redis-broker") as broker,
     ):
         stand_ins = {"redis-cache": cache, "redis-broker": broker}
-        # Each Redis gets its compose service's options (a wrong one fails here).
+        # Each Redis gets its compose service's options (a wrong one fails here), all but
+        # the password: tests/stack runs the stack with it, containers and all.
         for service, server in stand_ins.items():
             for name, value in redis_options(stack["services"][service]).items():
-                command(server.port, "CONFIG", "SET", name, value)
+                if name != "requirepass":
+                    command(server.port, "CONFIG", "SET", name, value)
         addresses = {name: f"127.0.0.1:{server.port}" for name, server in stand_ins.items()}
         shared_data = root / "data"  # the compose volume embedpipe-data
         api_env = loopback_environment(stack, "api", addresses, shared_data)
+        # Keyless here (the checks below are about sharing); tests/stack runs them with keys.
+        api_env.pop("EMBEDPIPE_API_KEYS")
         worker_env = loopback_environment(stack, "worker", addresses, shared_data)
         apis = [ServerProcess(api_env, root / f"api{n}.log") for n in range(2)]
         workers = [

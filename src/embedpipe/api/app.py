@@ -29,6 +29,7 @@ from embedpipe.api.request_guard import (
     allowed_hosts,
 )
 from embedpipe.api.security import install_security
+from embedpipe.batches.resume import ResumeWhenReachable
 from embedpipe.batches.wiring import open_job_service
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
@@ -53,6 +54,10 @@ def create_app(settings: Settings) -> FastAPI:
             resources.push_async_callback(runtime.close)
             jobs = await open_job_service(settings, runtime)
             resources.push_async_callback(jobs.close)
+            # A broker that is down keeps this process unready, not dead (and retried).
+            resume = ResumeWhenReachable(jobs.resume_active, runtime.not_ready)
+            await resume.start()
+            resources.push_async_callback(resume.close)
             app.state.runtime, app.state.jobs = runtime, jobs
             on_startup(runtime, traffic)
             with on_shutdown_signal(runtime.start_draining, settings.drain_delay_seconds):

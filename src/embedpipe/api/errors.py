@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -120,6 +122,19 @@ def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(status, detail, type_=type_, headers=headers or None)
 
 
+def _store_unreachable(request: Request, exc: Exception) -> Response:
+    # A Redis the route needs (the broker: files and batches) is down or restarting: the
+    # client may retry, as with any 503; nothing about the request was wrong.
+    log.warning("a Redis did not answer on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        503,
+        "A store the service depends on did not answer; retry shortly.",
+        type_="server_error",
+        code="service_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 def _unexpected_error(request: Request, exc: Exception) -> Response:
     # The details stay in the log; the client gets a generic message.
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -132,4 +147,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EmbedpipeError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisConnectionError, _store_unreachable)
+    app.add_exception_handler(RedisTimeoutError, _store_unreachable)
     app.add_exception_handler(Exception, _unexpected_error)

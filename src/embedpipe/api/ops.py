@@ -26,8 +26,9 @@ async def health() -> Response:
 
 @router.get("/ready")
 async def ready(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
-    """Readiness: 503 while draining. A cache tier that is down, or an upstream API whose
-    circuit breaker is open, makes it degraded, not 503: otherwise one Redis blip (or one
+    """Readiness: 503 while draining, or while a dependency it cannot work without (the
+    broker Redis, at start) does not answer yet. A cache tier that is down, or an upstream API
+    whose circuit breaker is open, makes it degraded, not 503: otherwise one Redis blip (or one
     provider outage, while the cache still serves) would pull every replica out of rotation."""
     tiers = await runtime.cache.stats()
     degraded = [tier.name for tier in tiers if not tier.healthy]
@@ -36,12 +37,15 @@ async def ready(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
         for info in (embedder.info for embedder in runtime.service.models)
         if info.upstream and metrics.upstream_breaker_open(info.name)
     ]
+    waiting = sorted(runtime.not_ready)
+    status = "degraded" if degraded else "ready"
     body = {
-        "status": "draining" if runtime.draining else ("degraded" if degraded else "ready"),
+        "status": "draining" if runtime.draining else ("starting" if waiting else status),
         "models": [embedder.info.name for embedder in runtime.service.models],
         "degraded": degraded,
+        "waiting_for": waiting,
     }
-    return json_response(body, status_code=503 if runtime.draining else 200)
+    return json_response(body, status_code=503 if runtime.draining or waiting else 200)
 
 
 def _sees_everything(request: Request, runtime: Runtime) -> bool:

@@ -59,6 +59,10 @@ class JobService:
         await self._runner.close()
         await self._store.close()
 
+    async def resume_active(self) -> None:
+        """Pick up the batches that were active when the last process stopped."""
+        await self._runner.resume(await self._store.active_batch_ids())
+
     # -- files -----------------------------------------------------------------------------
 
     async def upload(

@@ -88,8 +88,9 @@ async def open_job_service(settings: Settings, runtime: Runtime) -> JobService:
         else:
             runner = InProcessRunner(processor, settings.jobs.in_process_concurrency)
         opened.push_async_callback(runner.close)
+        # Nothing here talks to the broker: JobService.resume_active does, once it answers
+        # (batches/resume.py), so a broker that is down leaves the API unready, not dead.
         jobs = JobService(store, Storage(settings.data_dir), settings.jobs, processor, runner)
-        await runner.resume(await store.active_batch_ids())
         # Opened: from now on the service closes its runner and store (JobService.close).
         opened.pop_all()
         return jobs
