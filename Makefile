@@ -103,6 +103,11 @@ bench-backends: install  ## torch vs ONNX fp32 vs ONNX int8: texts/s, fidelity, 
 
 .PHONY: bench-backends
 
+bench-batch-fairness: install  ## online p50/p95/max alone and beside a 40,960-text batch in one server, its RSS growth
+	$(BIN)/python -m benchmarks.batch_fairness --lines 20 --inputs 2048
+
+.PHONY: bench-batch-fairness
+
 soak: install redis-server-bin  ## overload storms back to back for EMBEDPIPE_SOAK_SECONDS (600): no 500, memory level
 	EMBEDPIPE_SOAK_SECONDS=$${EMBEDPIPE_SOAK_SECONDS:-600} $(BIN)/pytest -s tests/reliability/test_overload.py
 

@@ -41,6 +41,7 @@ def _attack_and_measure(client: OpenAI, pid: int) -> tuple[str, int, list[str]]:
     )
     done = wait_for(client, batch.id, ("completed", "failed", "expired", "cancelled"), 120)
     growth = peak_bytes(pid) - before
+    print(f"peak RSS growth of pid {pid}: {growth / 2**20:.1f} MiB")
     errors = [error.code or "" for error in (done.errors.data if done.errors else None) or []]
     client.files.delete(upload.id)
     return done.status, growth, errors

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import sqlite3
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -188,3 +190,32 @@ def test_job_state_on_the_cache_redis_is_warned_about(
         caplog.clear()
         open_store(Settings(data_dir=tmp_path, redis_url=url, broker_url=url))
         assert "EMBEDPIPE_BROKER_URL" not in caplog.text
+
+
+async def test_a_job_database_of_the_previous_version_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE files (id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, "
+        "purpose TEXT NOT NULL, doc TEXT NOT NULL);"
+        "CREATE TABLE batches (id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, "
+        "status TEXT NOT NULL, doc TEXT NOT NULL, finalize_claimed INTEGER NOT NULL DEFAULT 0);"
+    )
+    file = _file("a", 5, size=42)
+    batch = batch_object(new_batch_id(), file["id"], "24h", None, owner="a")
+    old.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (file["id"], 5, "batch", json.dumps(file)))
+    old.execute(
+        "INSERT INTO batches (id, created_at, status, doc) VALUES (?, ?, ?, ?)",
+        (batch["id"], batch["created_at"], "in_progress", json.dumps(batch)),
+    )
+    old.commit()
+    old.close()
+    path.chmod(0o644)
+    store = SqliteJobStore(path)
+    try:
+        assert [f["id"] for f in await store.list_files(None, None, 10, owner="a")] == [file["id"]]
+        usage = await store.usage("a")
+        assert (usage.files, usage.bytes, usage.active_batches) == (1, 42, 1)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        await store.close()

@@ -6,9 +6,9 @@
                                  +--cancel--> cancelling --chunks skipped--> cancelled
 
 ``prepare`` checks every line and splits the valid requests into chunk files, in bounded
-memory (``validation.py``). ``run_chunk``
-computes one chunk and commits its output atomically; a chunk run twice (a retried or
-duplicated task) produces the same files and counts once. Whoever commits the last chunk
+memory (``validation.py``). ``run_chunk`` computes one chunk and commits its output
+atomically; a chunk run twice (a retried or duplicated task) produces the same files and
+counts once. Whoever commits the last chunk
 assembles the output and error files and removes the chunk files. A chunk whose runs keep
 dying (each run's process killed) fails its batch after ``max_crashes`` runs, instead of
 being delivered again forever; a batch that fails leaves no file of its own behind.
