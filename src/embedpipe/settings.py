@@ -86,8 +86,9 @@ class HttpSettings(BaseModel):
     # Open connections of this process; past it a new one gets 503 and is closed at once.
     # 0 = three quarters of the open-file limit (ulimit -n).
     max_connections: int = Field(0, ge=0)
-    # Open connections from one client address (trusted proxies exempt); 0 = no cap.
-    max_connections_per_client: int = Field(64, ge=0)
+    # Open connections from one client address (trusted proxies exempt), so that one client
+    # cannot take them all. 0 = a quarter of max_connections.
+    max_connections_per_client: int = Field(0, ge=0)
 
 
 class SecuritySettings(BaseModel):

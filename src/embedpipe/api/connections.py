@@ -237,10 +237,11 @@ def server_options(settings: Settings) -> dict[str, Any]:
     from embedpipe.api.security import parse_networks
 
     http = settings.http
+    cap = connection_cap(http.max_connections)
     limits = ConnectionLimits(
         head_timeout=http.head_timeout_seconds,
-        max_connections=connection_cap(http.max_connections),
-        max_per_client=http.max_connections_per_client,
+        max_connections=cap,
+        max_per_client=http.max_connections_per_client or max(1, cap // 4),
         exempt=parse_networks(settings.security.trusted_proxies),
         max_head_bytes=http.max_header_bytes,
     )
