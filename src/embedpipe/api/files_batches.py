@@ -11,12 +11,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated, BinaryIO, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import FileResponse, Response, StreamingResponse
 
 from embedpipe.api.deps import body_schema, json_body, json_response
 from embedpipe.api.schemas import ErrorBody
+from embedpipe.api.uploads import UPLOAD_OPENAPI, receive_upload
 from embedpipe.batches.objects import JsonDict
 from embedpipe.batches.service import JobService
 
@@ -74,18 +75,13 @@ def _page(items: list[JsonDict], limit: int) -> dict[str, object]:
     }
 
 
-@router.post("/files", responses=_ERRORS)
-async def upload_file(
-    jobs: Jobs,
-    owner: Owner,
-    file: Annotated[UploadFile, File(description="JSONL, one request per line.")],
-    purpose: Annotated[str, Form()],
-    anchor: Annotated[Literal["created_at"], Form(alias="expires_after[anchor]")] = "created_at",
-    seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
-) -> Response:
-    """Upload a batch input file; it expires after ``expires_after`` or the server's
-    retention (30 days unless configured)."""
-    return json_response(await jobs.upload(file.filename or "", purpose, file.file, owner, seconds))
+@router.post("/files", responses=_ERRORS, openapi_extra=UPLOAD_OPENAPI)
+async def upload_file(request: Request, jobs: Jobs, owner: Owner) -> Response:
+    """Upload a batch input file (multipart/form-data: ``file``, ``purpose``); it expires
+    after ``expires_after`` or the server's retention (30 days unless configured).
+
+    The body is streamed once, straight into the data dir (see ``embedpipe.api.uploads``)."""
+    return json_response(await receive_upload(request, jobs, owner))
 
 
 @router.get("/files")

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
 
+import anyio
+
 from embedpipe import metrics
 from embedpipe.batches.objects import (
     COMPLETION_WINDOW_SECONDS,
@@ -34,10 +36,43 @@ from embedpipe.batches.objects import (
 )
 from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.runner import Runner
-from embedpipe.batches.storage import Storage
+from embedpipe.batches.storage import Storage, UploadSpool
 from embedpipe.batches.store import JobStore
 from embedpipe.errors import InvalidInput, NotFound, QuotaExceeded, TooLarge
 from embedpipe.settings import JobsSettings
+
+
+class IncomingUpload:
+    """An upload being streamed into the data dir (see :meth:`JobService.start_upload`)."""
+
+    def __init__(self, spool: UploadSpool, quota_bound: bool, settings: JobsSettings) -> None:
+        self.spool = spool
+        self._quota_bound = quota_bound  # its room is the key's storage quota, not the file
+        self._settings = settings
+
+    def count(self, size: int) -> None:
+        """Account for ``size`` more bytes before they are written: TooLarge past the
+        file limit, QuotaExceeded past the key's storage quota."""
+        try:
+            self.spool.count(size)
+        except TooLarge:
+            if self._quota_bound:
+                raise QuotaExceeded(
+                    "This file would take this API key's files past their quota of "
+                    f"{self._settings.max_stored_bytes_per_key} bytes: delete some first.",
+                    param="file",
+                    code="storage_quota_exceeded",
+                ) from None
+            raise
+
+    async def write(self, block: bytes) -> None:
+        """Append counted bytes, in a worker thread (awaited to its end even if cancelled,
+        so the file is never closed under a write)."""
+        await anyio.to_thread.run_sync(self.spool.write, block)
+
+    def discard(self) -> None:
+        """Remove the partial file unless it was committed (safe to call twice)."""
+        self.spool.discard()
 
 
 class JobService:
@@ -74,30 +109,52 @@ class JobService:
         expires_after_seconds: int | None = None,
     ) -> JsonDict:
         """``expires_after_seconds``: OpenAI's ``expires_after`` (anchored at the upload);
-        None: the retention setting."""
+        None: the retention setting. The HTTP route streams instead: see
+        :meth:`start_upload`."""
+        self.check_upload_fields(purpose, expires_after_seconds)
+        upload = await self.start_upload(owner)
+        try:
+            while block := await anyio.to_thread.run_sync(source.read, 1 << 20):
+                upload.count(len(block))
+                await upload.write(block)
+            return await self.finish_upload(upload, filename, purpose, owner, expires_after_seconds)
+        finally:
+            upload.discard()
+
+    def check_upload_fields(self, purpose: str, expires_after_seconds: int | None) -> int:
+        """InvalidInput unless ``purpose`` is "batch" and ``expires_after`` is in range;
+        the file's lifetime in seconds (0: kept until deleted)."""
         if purpose != "batch":
             raise InvalidInput(f"'purpose' must be \"batch\" (got {purpose!r}).", param="purpose")
-        lifetime = self._settings.file_retention_seconds
         if expires_after_seconds is not None:
-            lifetime = check_expires_after(expires_after_seconds, "expires_after")
+            return check_expires_after(expires_after_seconds, "expires_after")
+        return self._settings.file_retention_seconds
+
+    async def start_upload(self, owner: str | None) -> IncomingUpload:
+        """Check the key's quotas and open a spool in the data dir for an upload's bytes.
+        The caller streams into it and ends with :meth:`finish_upload`, and in every case
+        then calls its ``discard`` (nothing is left behind unless it was committed)."""
         await self.sweep_expired()
         usage = await self._store.usage(owner)
         self._check_file_quota(usage.files + 1, usage.bytes)
         room = self._settings.max_file_bytes
         if self._settings.max_stored_bytes_per_key:
             room = min(room, max(0, self._settings.max_stored_bytes_per_key - usage.bytes))
+        spool = await anyio.to_thread.run_sync(self._storage.start_upload, room)
+        return IncomingUpload(spool, room < self._settings.max_file_bytes, self._settings)
+
+    async def finish_upload(
+        self,
+        upload: IncomingUpload,
+        filename: str,
+        purpose: str,
+        owner: str | None = None,
+        expires_after_seconds: int | None = None,
+    ) -> JsonDict:
+        """Check the form's fields, then store the streamed upload as a file."""
+        lifetime = self.check_upload_fields(purpose, expires_after_seconds)
         file_id = new_file_id()
-        try:
-            size = await asyncio.to_thread(self._storage.save_upload, file_id, source, room)
-        except TooLarge:
-            if room < self._settings.max_file_bytes:  # the key's storage quota, not the file
-                raise QuotaExceeded(
-                    "This file would take this API key's files past their quota of "
-                    f"{self._settings.max_stored_bytes_per_key} bytes: delete some first.",
-                    param="file",
-                    code="storage_quota_exceeded",
-                ) from None
-            raise
+        size = await anyio.to_thread.run_sync(upload.spool.commit, file_id)
         file = file_object(
             file_id, filename[:255] or "upload.jsonl", purpose, size, owner, lifetime
         )
