@@ -71,8 +71,9 @@ def _refusal(status: int, reason: str) -> bytes:
     ).encode() + body
 
 
-class _Guard:
-    """The deadline and the caps, shared by both protocols (mixed in before uvicorn's)."""
+class _Guard(asyncio.Protocol):
+    """The deadline and the caps, shared by both protocols (mixed in before uvicorn's, so
+    ``super()`` here is uvicorn's protocol)."""
 
     limits: ConnectionLimits
     _head_timer: asyncio.TimerHandle | None
@@ -81,6 +82,14 @@ class _Guard:
     connections: set[Any]
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._admit(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
 
     def _admit(self, transport: asyncio.Transport) -> bool:
         """False (and a 503 sent) when this new connection is over a cap."""
@@ -143,14 +152,6 @@ class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
         self._head_bytes = 0
         self._heads = 0  # heads parsed on this connection
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._admit(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
-        super().connection_lost(exc)
-
     def data_received(self, data: bytes) -> None:
         heads, in_head = self._heads, self._in_head
         super().data_received(data)
@@ -194,14 +195,6 @@ class GuardedH11Protocol(_Guard, H11Protocol):
         super().__init__(*args, **kwargs)
         self.limits = limits
         self._head_timer = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._admit(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
-        super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
