@@ -5,13 +5,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from embedpipe.batches.store import JobStore
+from embedpipe.batches.store_redis import RedisJobStore
+from embedpipe.batches.store_sqlite import SqliteJobStore
 from embedpipe.embedders.registry import BUNDLED_SHA256
 from tests.server_process import ServerProcess
 
@@ -77,3 +80,17 @@ def tiktoken_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         gzip.decompress(source.read_bytes())
     )
     return cache
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, namespace: str
+) -> AsyncIterator[JobStore]:
+    """Every job store backend, empty: a test using it runs once per backend."""
+    opened: JobStore
+    if request.param == "sqlite":
+        opened = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    else:
+        opened = RedisJobStore.from_url(request.getfixturevalue("redis_url"), namespace)
+    yield opened
+    await opened.close()

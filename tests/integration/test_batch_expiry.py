@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,6 @@ from embedpipe.batches.objects import batch_object, new_batch_id, new_file_id, n
 from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.storage import Storage
 from embedpipe.batches.store import JobStore
-from embedpipe.batches.store_redis import RedisJobStore
-from embedpipe.batches.store_sqlite import SqliteJobStore
 from embedpipe.operations.openai_embeddings import EmbeddingRequest
 from embedpipe.settings import JobsSettings
 
@@ -30,19 +27,6 @@ pytestmark = pytest.mark.redis
 
 async def _answer(request: EmbeddingRequest) -> dict[str, Any]:
     return {"object": "list", "data": [], "model": request.model, "usage": {}}
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, namespace: str
-) -> AsyncIterator[JobStore]:
-    opened: JobStore
-    if request.param == "sqlite":
-        opened = SqliteJobStore(tmp_path / "jobs.sqlite3")
-    else:
-        opened = RedisJobStore.from_url(request.getfixturevalue("redis_url"), namespace)
-    yield opened
-    await opened.close()
 
 
 def _lines(count: int) -> bytes:

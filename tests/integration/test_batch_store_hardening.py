@@ -42,19 +42,6 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, namespace: str
-) -> AsyncIterator[JobStore]:
-    opened: JobStore
-    if request.param == "sqlite":
-        opened = SqliteJobStore(tmp_path / "jobs.sqlite3")
-    else:
-        opened = RedisJobStore.from_url(request.getfixturevalue("redis_url"), namespace)
-    yield opened
-    await opened.close()
-
-
 def _file(owner: str | None, created_at: int, size: int = 10) -> dict[str, Any]:
     return file_object(new_file_id(), "f.jsonl", "batch", size, owner) | {"created_at": created_at}
 

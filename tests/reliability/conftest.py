@@ -11,13 +11,20 @@ examples and draws new ones each time::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from embedpipe.operations.openai_embeddings import EmbeddingRequest, create_embeddings
+from embedpipe.settings import Settings
+from tests.fakes import fake_app
 from tests.server_process import ServerProcess
+
+# One embeddings request body in, the response body out: what a BatchProcessor calls.
+Embed = Callable[[EmbeddingRequest], Awaitable[dict[str, Any]]]
 
 FUZZ_SCALE = max(1, int(os.environ.get("EMBEDPIPE_FUZZ_SCALE", "1")))
 
@@ -63,3 +70,18 @@ def fuzz_settings(examples: int) -> settings:
         derandomize=FUZZ_SCALE == 1,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
+
+
+@pytest.fixture
+async def embed(tmp_path: Path) -> AsyncIterator[Embed]:
+    """The real embeddings operation (validation included) over the fake model."""
+    settings = Settings(data_dir=tmp_path / "data")
+    _, runtime = fake_app(settings)
+
+    async def answer(request: EmbeddingRequest) -> dict[str, Any]:
+        return await create_embeddings(
+            runtime.service, runtime.token_decoder, settings.limits, request
+        )
+
+    yield answer
+    await runtime.close()

@@ -18,7 +18,6 @@ import io
 import json
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,18 +31,15 @@ from embedpipe.batches.objects import batch_object, new_batch_id, new_file_id
 from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.storage import Storage
 from embedpipe.batches.store_sqlite import SqliteJobStore
-from embedpipe.operations.openai_embeddings import EmbeddingRequest, create_embeddings
-from embedpipe.settings import JobsSettings, Settings
-from tests.fakes import fake_app
+from embedpipe.settings import JobsSettings
 from tests.integration.batch_helpers import read_lines, wait_for
 from tests.integration.conftest import MODEL
-from tests.reliability.conftest import API_KEY, fuzz_settings
+from tests.reliability.conftest import API_KEY, Embed, fuzz_settings
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.reliability
 
 FAKE = "fake"  # the fake model of fake_app: 8 dimensions
-Embed = Callable[[EmbeddingRequest], Awaitable[dict[str, Any]]]
 
 
 # -- what each line must become ----------------------------------------------------------
@@ -326,21 +322,6 @@ def check(outcome: Outcome, want: Expected, dimensions: int = 8) -> None:
 def join(items: list[Line], ending: bytes, final_newline: bool) -> bytes:
     text = ending.join(line.raw for line in items)
     return text + ending if final_newline and items else text
-
-
-@pytest.fixture
-async def embed(tmp_path: Path) -> AsyncIterator[Embed]:
-    """The real embeddings operation (validation included) over the fake model."""
-    settings = Settings(data_dir=tmp_path / "data")
-    _, runtime = fake_app(settings)
-
-    async def answer(request: EmbeddingRequest) -> dict[str, Any]:
-        return await create_embeddings(
-            runtime.service, runtime.token_decoder, settings.limits, request
-        )
-
-    yield answer
-    await runtime.close()
 
 
 # -- the fuzzer ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,33 +25,16 @@ from embedpipe.batches.processor import BatchProcessor
 from embedpipe.batches.storage import Storage
 from embedpipe.batches.store import PREPARE_RUN
 from embedpipe.batches.store_sqlite import SqliteJobStore
-from embedpipe.operations.openai_embeddings import EmbeddingRequest, create_embeddings
-from embedpipe.settings import JobsSettings, Settings
-from tests.fakes import fake_app
+from embedpipe.settings import JobsSettings
+from tests.reliability.conftest import Embed
 
 pytestmark = pytest.mark.reliability
-
-Embed = Callable[[EmbeddingRequest], Awaitable[dict[str, Any]]]
 
 
 def line(custom_id: str, text: Any = "hello") -> bytes:
     body = {"model": "fake", "input": text}
     request = {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": body}
     return json.dumps(request).encode() + b"\n"
-
-
-@pytest.fixture
-async def embed(tmp_path: Path) -> AsyncIterator[Embed]:
-    settings = Settings(data_dir=tmp_path / "runtime")
-    _, runtime = fake_app(settings)
-
-    async def answer(request: EmbeddingRequest) -> dict[str, Any]:
-        return await create_embeddings(
-            runtime.service, runtime.token_decoder, settings.limits, request
-        )
-
-    yield answer
-    await runtime.close()
 
 
 @dataclass
