@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from embedpipe import __version__
 from embedpipe.api import files_batches, openai, ops, simple
+from embedpipe.api.cohere_errors import COHERE_PATHS, CohereErrorMiddleware
 from embedpipe.api.deps import ClientGone
 from embedpipe.api.docs import install_docs
 from embedpipe.api.draining import DrainingMiddleware, draining_of, on_shutdown_signal
@@ -96,6 +97,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(HostGuardMiddleware, max_headers=settings.http.max_headers, hosts=hosts)
     app.add_middleware(DrainingMiddleware, is_draining=draining_of)
     app.add_middleware(ObservabilityMiddleware, traffic=traffic)
+    # Inside the request id (the body's "id"), outside everything that may refuse a request.
+    app.add_middleware(CohereErrorMiddleware, paths=COHERE_PATHS)
     app.add_middleware(RequestIdMiddleware)
     return app
 

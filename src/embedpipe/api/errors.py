@@ -1,4 +1,5 @@
-"""Errors as HTTP answers: OpenAI's envelope everywhere, never a stack trace. The status of
+"""Errors as HTTP answers: OpenAI's envelope everywhere (Cohere's routes rewrite it into their
+shape in ``api/cohere_errors.py``), never a stack trace. The status of
 a domain error comes from ``embedpipe.error_status`` (shared with batch output lines).
 
 ``{"error": {"message", "type", "param", "code"}}``
