@@ -5,9 +5,10 @@
    vectors under the keys the server derives) are written to its SQLite L2 before it starts,
    then requested 2,048 at a time, so every one is promoted into L1 as a real L2 hit would be.
 2. Redis bytes per cached 384-d vector: ``INFO used_memory`` growth over 400 real entries
-   (float32 and float16, default TTL, written by the real tier, its connection closed before
-   measuring) on a fresh private redis-server, and ``MEMORY USAGE`` per key; for comparison
-   a key with the raw 32-byte digest and a short fingerprint.
+   (float32 packed as the tiered cache stores it, and float16; default TTL, written by the
+   real tier, its connection closed before measuring) on a fresh private redis-server, and
+   ``MEMORY USAGE`` per key; for comparison the raw float32 value as stored before the
+   packing, and that with a key of the raw 32-byte digest and a short fingerprint.
 3. float16 fidelity: the cosine between the model's float32 vectors of corpus texts and their
    float16 round trip.
 
@@ -31,6 +32,7 @@ from benchmarks.corpus import load_corpus
 from benchmarks.throughput import rss_mib
 from embedpipe.cache import RedisTier, SqliteTier, VectorCodec, cache_key
 from embedpipe.cache.memory import ENTRY_OVERHEAD
+from embedpipe.cache.packing import pack_many
 from embedpipe.embedders import BUNDLED_MODEL, load_embedder, parse_model_specs
 from embedpipe.settings import CacheSettings, Settings
 from tests.redis_server import RedisServer
@@ -135,8 +137,9 @@ async def _redis_entry(keys: list[str | bytes], values: list[bytes]) -> dict[str
 
 
 async def redis_bytes(fingerprint: str, vectors: np.ndarray) -> dict[str, dict[str, float]]:
-    """Bytes per cached vector in Redis: the real keys (float32 and float16), and for
-    comparison a key with the raw 32-byte digest and a short fingerprint."""
+    """Bytes per cached vector in Redis: the real keys and values as the tiered cache stores
+    them (float32 packed, and float16), and for comparison the unpacked float32 value, alone
+    and with a key of the raw 32-byte digest and a short fingerprint."""
     rows = [vectors[i % len(vectors)] for i in range(REDIS_ENTRIES)]
     namespace = CacheSettings().namespace
     out: dict[str, dict[str, float]] = {}
@@ -146,14 +149,20 @@ async def redis_bytes(fingerprint: str, vectors: np.ndarray) -> dict[str, dict[s
         keys: list[str | bytes] = [
             cache_key(namespace, prefix, f"{dtype} {i}") for i in range(REDIS_ENTRIES)
         ]
-        out[dtype] = await _redis_entry(keys, [codec.encode(row) for row in rows])
+        out[dtype] = await _redis_entry(keys, pack_many([codec.encode(row) for row in rows]))
+    plain: list[str | bytes] = [
+        cache_key(namespace, fingerprint, f"plain {i}") for i in range(REDIS_ENTRIES)
+    ]
+    out["float32, unpacked value"] = await _redis_entry(
+        plain, [r.astype("<f4").tobytes() for r in rows]
+    )
     short: list[str | bytes] = [
         f"{namespace}:".encode()
         + bytes.fromhex(fingerprint[:8])
         + hashlib.sha256(f"short {i}".encode()).digest()
         for i in range(REDIS_ENTRIES)
     ]
-    out["float32, raw-digest key"] = await _redis_entry(
+    out["float32, unpacked value, raw-digest key"] = await _redis_entry(
         short, [r.astype("<f4").tobytes() for r in rows]
     )
     return out

@@ -19,9 +19,11 @@ from embedpipe.cache import (
     RedisTier,
     TieredCache,
     bytes_to_vector,
+    cache_key,
     open_cache,
     vector_to_bytes,
 )
+from embedpipe.cache.packing import unpack_many
 from embedpipe.cache.redis import split_cluster_flag
 from embedpipe.settings import CacheSettings, Settings
 from tests.redis_server import (
@@ -183,7 +185,9 @@ async def test_open_cache_uses_redis_when_configured(namespace: str, redis_url: 
     try:
         assert isinstance(cache.l2, RedisTier)
         await cache.set_many({f"{namespace}:fp:a": value(1)})
-        assert await cache.l2.get_many([f"{namespace}:fp:a"]) == [value(1)]
+        [stored] = await cache.l2.get_many([f"{namespace}:fp:a"])
+        assert stored is not None and len(stored) == 1489  # packed in L2
+        assert unpack_many([stored]) == [value(1)]
     finally:
         await cache.clear()
         await cache.close()
@@ -279,3 +283,36 @@ async def test_redis_cluster_with_slot_aware_multi_gets(
     assert tier.errors == 0 and await tier.ping()
     await tier.clear()
     assert await tier.get_many(keys[:50]) == [None] * 50
+
+
+@pytest.mark.redis
+async def test_a_cached_384_d_vector_costs_redis_under_2_kib(private_redis: RedisServer) -> None:
+    """INFO used_memory growth per entry over 400 real entries (real keys, default TTL),
+    written through the tiered cache as the service writes them: 2,112 B before the L2
+    packing (the 1,536-byte value sat in jemalloc's 1,792-byte class)."""
+    entries = 400
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((entries, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    settings = CacheSettings()
+    keys = [cache_key(settings.namespace, "0123456789abcdef", f"text {i}") for i in range(entries)]
+    probe = Redis.from_url(private_redis.url)
+    try:
+        before = int((await probe.info("memory"))["used_memory"])
+        cache = TieredCache(MemoryTier(1 << 20), RedisTier.from_url(private_redis.url, settings))
+        try:
+            await cache.set_many(
+                {k: vector_to_bytes(v) for k, v in zip(keys, vectors, strict=True)}
+            )
+            await cache.l1.clear()
+            found = await cache.get_many(keys)
+        finally:
+            await cache.close()  # its connection buffers are not the entries' cost
+        after = int((await probe.info("memory"))["used_memory"])
+        assert await probe.ttl(keys[0]) > 0
+    finally:
+        await probe.aclose()
+    assert [hit for hit in found if hit is not None and hit[1] == "l2"] == [
+        (vector_to_bytes(v), "l2") for v in vectors
+    ]
+    assert (after - before) / entries < 2048

@@ -1,4 +1,8 @@
-"""The two-level cache the request path uses: L1 in process, then ONE L2 round trip."""
+"""The two-level cache the request path uses: L1 in process, then ONE L2 round trip.
+
+L1 holds values as the service encodes them (a hit there costs no conversion); L2 holds float32
+vectors packed losslessly to 31 bits per component (``cache/packing.py``), which keeps a 384-d
+entry in a smaller Redis allocation."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Literal
 
 from embedpipe.cache.base import CacheTier, TierStats
 from embedpipe.cache.memory import MemoryTier
+from embedpipe.cache.packing import pack_many, unpack_many
 
 Source = Literal["l1", "l2"]
 
@@ -41,7 +46,7 @@ class TieredCache:
         if not missing or self.l2 is None:
             return found
         wanted = list(missing)
-        values = await self.l2.get_many(wanted)
+        values = unpack_many(await self.l2.get_many(wanted))
         from_l2 = {k: v for k, v in zip(wanted, values, strict=True) if v is not None}
         token_of = dict(zip(keys, tokens, strict=True)) if tokens is not None else {}
         for key, value in from_l2.items():
@@ -60,7 +65,7 @@ class TieredCache:
         for key, value in items.items():
             self.l1.put(key, value, token_of.get(key))
         if self.l2 is not None and items:
-            await self.l2.set_many(items)
+            await self.l2.set_many(dict(zip(items, pack_many(list(items.values())), strict=True)))
 
     async def stats(self) -> list[TierStats]:
         tiers = [await self.l1.stats()]
