@@ -19,6 +19,7 @@ from embedpipe import logs, metrics
 from embedpipe.batcher import Batcher, PendingText
 from embedpipe.cache import TieredCache, VectorCodec, cache_key
 from embedpipe.embedders import ModelInfo, ModelRegistry, ServedModel, Vectors
+from embedpipe.quantization import Calibration
 from embedpipe.settings import CacheSettings
 from embedpipe.tenancy import current_tenant, tenant_namespace
 
@@ -53,8 +54,11 @@ class EmbeddingService:
         batchers: Mapping[str, Batcher],
         cache: TieredCache,
         cache_settings: CacheSettings,
+        calibrations: Mapping[str, Calibration] | None = None,
     ) -> None:
         self._models = models
+        # int8/uint8 ranges per local model (by canonical name); upstream models have none.
+        self._calibrations = dict(calibrations or {})
         self._batchers = batchers
         self._cache = cache
         self._namespace = cache_settings.namespace
@@ -76,6 +80,10 @@ class EmbeddingService:
 
     def resolve_model(self, name: str) -> str:
         return self._models.resolve(name)
+
+    def calibration(self, model: str) -> Calibration | None:
+        """The model's int8/uint8 calibration; None for a model without one."""
+        return self._calibrations.get(self._models.resolve(model))
 
     async def clip(self, model: str, texts: Sequence[str]) -> list[str]:
         """The texts cut where the model's window ends (same tokens, same vectors): call it

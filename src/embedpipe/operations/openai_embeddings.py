@@ -13,9 +13,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from embedpipe.inputs import TokenDecoder, normalize_input
+from embedpipe.quantization import (
+    Calibration,
+    EmbeddingType,
+    check_output_type,
+    json_ready,
+    quantize,
+    to_base64_of_type,
+)
 from embedpipe.service import EmbeddingService, EmbedResult
 from embedpipe.settings import LimitsSettings
-from embedpipe.vectors import check_dimensions, to_base64, truncate
+from embedpipe.vectors import check_dimensions, truncate
 
 
 class EmbeddingRequest(BaseModel):
@@ -37,6 +45,13 @@ class EmbeddingRequest(BaseModel):
         description="Return the first N dimensions, renormalised to unit length.",
     )
     user: str | None = None
+    embedding_type: EmbeddingType = Field(
+        "float32",
+        description="The vectors' type, applied after `dimensions`: float32, float16, int8 and "
+        "uint8 (per-dimension buckets fixed per model), binary and ubinary (sign bits packed "
+        "8 to a byte, as signed or unsigned bytes). `float` encoding gives JSON numbers, "
+        "`base64` the raw bytes of the type.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +60,8 @@ class PreparedRequest:
     texts: list[str]
     dimensions: int | None
     encoding_format: str
+    embedding_type: EmbeddingType = "float32"
+    calibration: Calibration | None = None
 
 
 def prepare(
@@ -56,21 +73,45 @@ def prepare(
     """Validate the request: the served model, ``dimensions`` and the texts (InvalidInput or
     ModelNotFound otherwise)."""
     model = service.resolve_model(request.model)
-    dimensions = check_dimensions(request.dimensions, service.models.get(model).info.dimensions)
+    model_dimensions = service.models.get(model).info.dimensions
+    dimensions = check_dimensions(request.dimensions, model_dimensions)
+    calibration = service.calibration(model)
+    check_output_type(
+        request.embedding_type,
+        dimensions or model_dimensions,
+        calibration,
+        dimensions_param="dimensions" if dimensions else None,
+    )
     texts = normalize_input(request.input, limits, decoder)
-    return PreparedRequest(model, texts, dimensions, request.encoding_format)
+    return PreparedRequest(
+        model, texts, dimensions, request.encoding_format, request.embedding_type, calibration
+    )
+
+
+def output_vectors(
+    prepared: PreparedRequest, result: EmbedResult, embedding_type: EmbeddingType
+) -> Any:
+    """The result's vectors cut to ``dimensions`` (renormalised), then made ``embedding_type``:
+    always in that order, so int8 buckets and sign bits are those of the vector served."""
+    vectors = truncate(result.vectors, prepared.dimensions)
+    return quantize(vectors, embedding_type, prepared.calibration)
 
 
 def respond(prepared: PreparedRequest, result: EmbedResult) -> dict[str, Any]:
     """The response body (float vectors stay float32 arrays: serialise with orjson's numpy
     option)."""
-    vectors = truncate(result.vectors, prepared.dimensions)
-    encode = to_base64 if prepared.encoding_format == "base64" else _as_is
+    embedding_type = prepared.embedding_type
+    vectors = output_vectors(prepared, result, embedding_type)
+    embeddings: list[Any]
+    if prepared.encoding_format == "base64":
+        embeddings = [to_base64_of_type(vector, embedding_type) for vector in vectors]
+    else:
+        embeddings = [json_ready(vector) for vector in vectors]
     return {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": index, "embedding": encode(vector)}
-            for index, vector in enumerate(vectors)
+            {"object": "embedding", "index": index, "embedding": embedding}
+            for index, embedding in enumerate(embeddings)
         ],
         "model": result.model,
         "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
@@ -86,7 +127,3 @@ async def create_embeddings(
     prepared = prepare(service, decoder, limits, request)
     result = await service.embed(prepared.model, prepared.texts, dimensions=prepared.dimensions)
     return respond(prepared, result)
-
-
-def _as_is(vector: Any) -> Any:
-    return vector
