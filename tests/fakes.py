@@ -21,6 +21,7 @@ from embedpipe.api.app import create_app
 from embedpipe.batcher import MicroBatcher
 from embedpipe.cache import MemoryTier, TieredCache
 from embedpipe.embedders import ModelInfo, ModelRegistry, ModelSpec, Vectors
+from embedpipe.quantization import Calibration
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.runtime import Runtime
 from embedpipe.service import EmbeddingService
@@ -194,9 +195,14 @@ class FakeUpstream:
         )
 
 
-def fake_app(settings: Settings, embedder: FakeEmbedder | None = None) -> tuple[FastAPI, Runtime]:
+def fake_app(
+    settings: Settings,
+    embedder: FakeEmbedder | None = None,
+    calibration: Calibration | None = None,
+) -> tuple[FastAPI, Runtime]:
     """The real application over a fake model named "fake" (call from a running event loop;
-    no lifespan: nothing real to load). Close the runtime when done."""
+    no lifespan: nothing real to load). Close the runtime when done. ``calibration``: the
+    fake's int8 ranges (without it, int8 and uint8 are refused as for an upstream model)."""
     embedder = embedder or FakeEmbedder(name="fake", dimensions=8)
     registry = ModelRegistry()
     registry.add(ModelSpec(name="fake", source="memory"), embedder)
@@ -211,6 +217,7 @@ def fake_app(settings: Settings, embedder: FakeEmbedder | None = None) -> tuple[
             {"fake": batcher},
             cache,
             settings.cache.model_copy(update={"per_tenant": cache_per_tenant(settings)}),
+            {"fake": calibration} if calibration is not None else None,
         ),
         default_model="fake",
         batchers={"fake": batcher},

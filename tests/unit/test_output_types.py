@@ -50,7 +50,7 @@ def test_float16_and_float32() -> None:
     assert quantize(vectors, "float32") is vectors
     half = quantize(vectors, "float16")
     assert half.dtype == np.float16
-    np.testing.assert_allclose(half, vectors, atol=1e-3)
+    np.testing.assert_allclose(half.astype(np.float32), vectors, atol=1e-3)
 
 
 def test_ranges_of_a_cut_vector_are_those_of_the_renormalised_calibration_vectors() -> None:
