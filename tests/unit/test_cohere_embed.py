@@ -182,4 +182,8 @@ def test_cohere_truncate_maps_onto_truncate_and_its_direction(
 ) -> None:
     body = CohereEmbedRequest.model_validate({"model": "m", "texts": ["x"], "truncate": truncate})
     assert truncation_fields(body.truncate) == fields
-    assert CohereEmbedRequest(model="m", texts=["x"]).truncate == "END"  # Cohere's default
+    # Absent or null (LangChain sends null): END, Cohere's default.
+    assert truncation_fields(CohereEmbedRequest(model="m", texts=["x"]).truncate) == {
+        "truncate": True,
+        "truncation_direction": "right",
+    }

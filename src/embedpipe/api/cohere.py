@@ -21,7 +21,7 @@ from embedpipe.operations.cohere_embed import (
 )
 from embedpipe.runtime import Runtime
 
-router = APIRouter(prefix="/v2", tags=["Cohere-compatible"])
+router = APIRouter(tags=["Cohere-compatible"])
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": CohereErrorBody} for status in (400, 401, 404, 413, 429, 503)
@@ -29,13 +29,28 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 
 
 @router.post(
-    "/embed",
+    "/v2/embed",
     response_model=CohereEmbedResponse,
     responses=_ERRORS,
     openapi_extra=body_schema(CohereEmbedRequest),
 )
 async def embed_v2(request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
     """Embed texts as Cohere's embed v2 does, in one or several types at once."""
+    return await _embed(request, runtime, floats_unless_typed=False)
+
+
+@router.post(
+    "/v1/embed",
+    responses=_ERRORS,
+    openapi_extra=body_schema(CohereEmbedRequest),
+)
+async def embed_v1(request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
+    """Cohere's embed v1 (what LangChain's ``CohereEmbeddings`` calls): v2's answer, or
+    without ``embedding_types`` one float list per text (``embeddings_floats``)."""
+    return await _embed(request, runtime, floats_unless_typed=True)
+
+
+async def _embed(request: Request, runtime: Runtime, *, floats_unless_typed: bool) -> Response:
     admission = await admit_request(request, runtime)
     limits = runtime.settings.limits
     body = await json_body(
@@ -47,6 +62,7 @@ async def embed_v2(request: Request, runtime: Annotated[Runtime, Depends(get_run
         request, runtime, admission, openai_body, param="texts"
     )
     response_id = str(getattr(request.state, "request_id", ""))
-    return json_response(
-        respond_by_type(body, texts, prepared, result, response_id), headers=limit_headers
+    answer = respond_by_type(
+        body, texts, prepared, result, response_id, floats_unless_typed=floats_unless_typed
     )
+    return json_response(answer, headers=limit_headers)

@@ -1,6 +1,8 @@
-"""Cohere's embed v2 (``POST /v2/embed``) without HTTP: its request read into an OpenAI
-``EmbeddingRequest`` (answered by the same steps as ``/v1/embeddings``), and the answer written
-in Cohere's ``embeddings_by_type`` shape, one list per asked type.
+"""Cohere's embed v2 (``POST /v2/embed``, and v1's ``POST /v1/embed``, which LangChain's
+``CohereEmbeddings`` calls) without HTTP: its request read into an OpenAI ``EmbeddingRequest``
+(answered by the same steps as ``/v1/embeddings``), and the answer written in Cohere's
+``embeddings_by_type`` shape, one list per asked type (v1 without ``embedding_types``: its
+``embeddings_floats`` shape).
 
 Cohere's names map onto ours: ``texts`` (or ``inputs`` of text parts) → ``input``,
 ``output_dimension`` → ``dimensions``, ``truncate`` ``END`` (its default) / ``START`` / ``NONE``
@@ -43,10 +45,6 @@ _TRUNCATION: dict[Truncate, dict[str, Any]] = {
 }
 
 
-def _floats_only() -> list[CohereEmbeddingType]:
-    return ["float"]
-
-
 class TextContent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,11 +70,16 @@ class CohereEmbedRequest(BaseModel):
     inputs: list[CohereInput] | None = None
     images: list[str] | None = None
     input_type: CohereInputType | None = Field(None, examples=["search_document"])
-    embedding_types: list[CohereEmbeddingType] = Field(
-        default_factory=_floats_only, examples=[["float", "int8"]]
-    )
-    truncate: Truncate = "END"
+    # None (or absent): float.
+    embedding_types: list[CohereEmbeddingType] | None = Field(None, examples=[["float", "int8"]])
+    # None (or absent): END, Cohere's default.
+    truncate: Truncate | None = None
     output_dimension: int | None = Field(None, strict=True)
+
+    @property
+    def output_types(self) -> list[CohereEmbeddingType]:
+        """The asked types, each once, in order."""
+        return list(dict.fromkeys(self.embedding_types or ["float"]))
 
 
 def texts_of(body: CohereEmbedRequest, limits: LimitsSettings) -> list[str]:
@@ -107,9 +110,9 @@ def embedding_request(
     model = service.resolve_model(body.model)
     model_dimensions = service.models.get(model).info.dimensions
     dimensions = check_dimensions(body.output_dimension, model_dimensions, param="output_dimension")
-    if not body.embedding_types:
+    if body.embedding_types == []:
         raise InvalidInput("'embedding_types' must not be an empty list.", param="embedding_types")
-    for name in body.embedding_types:
+    for name in body.output_types:
         check_output_type(
             _OUTPUT[name][0],
             dimensions or model_dimensions,
@@ -126,9 +129,9 @@ def embedding_request(
     )
 
 
-def truncation_fields(truncate: Truncate) -> dict[str, Any]:
-    """``EmbeddingRequest``'s fields for Cohere's ``truncate``."""
-    return dict(_TRUNCATION[truncate])
+def truncation_fields(truncate: Truncate | None) -> dict[str, Any]:
+    """``EmbeddingRequest``'s fields for Cohere's ``truncate`` (None: END, its default)."""
+    return dict(_TRUNCATION[truncate or "END"])
 
 
 def respond_by_type(
@@ -137,10 +140,24 @@ def respond_by_type(
     prepared: PreparedRequest,
     result: EmbedResult,
     response_id: str,
+    *,
+    floats_unless_typed: bool = False,
 ) -> dict[str, Any]:
-    """Cohere's ``embeddings_by_type`` response: one list of vectors per asked type."""
+    """Cohere's ``embeddings_by_type`` response: one list of vectors per asked type.
+    ``floats_unless_typed`` (v1): without ``embedding_types``, the ``embeddings_floats``
+    shape, one float list per text."""
+    meta = {"api_version": {"version": "2"}, "billed_units": {"input_tokens": result.tokens}}
+    if floats_unless_typed and body.embedding_types is None:
+        vectors = output_vectors(prepared, result, "float32")
+        return {
+            "id": response_id,
+            "embeddings": vectors,
+            "texts": texts,
+            "meta": {**meta, "api_version": {"version": "1"}},
+            "response_type": "embeddings_floats",
+        }
     embeddings: dict[str, list[Any]] = {}
-    for name in dict.fromkeys(body.embedding_types):
+    for name in body.output_types:
         embedding_type, as_base64 = _OUTPUT[name]
         vectors = output_vectors(prepared, result, embedding_type)
         if as_base64:
@@ -151,9 +168,6 @@ def respond_by_type(
         "id": response_id,
         "embeddings": embeddings,
         "texts": texts,
-        "meta": {
-            "api_version": {"version": "2"},
-            "billed_units": {"input_tokens": result.tokens},
-        },
+        "meta": meta,
         "response_type": "embeddings_by_type",
     }

@@ -50,8 +50,11 @@ class Calibration:
         self._ranges: dict[int, npt.NDArray[np.float32]] = {}
 
     @property
-    def dimensions(self) -> int:
-        return int(self._vectors.shape[1])
+    def vectors(self) -> npt.NDArray[np.float32]:
+        """The model's vectors of the calibration corpus (read-only)."""
+        view = self._vectors.view()
+        view.flags.writeable = False
+        return view
 
     def ranges(self, width: int) -> npt.NDArray[np.float32]:
         """``(2, width)``: per dimension, the minimum and maximum over the calibration vectors
@@ -73,9 +76,10 @@ def record_name(fingerprint: str) -> str:
     return f"{fingerprint}-c{RECORD_FORMAT}.npy"
 
 
-def calibrate(embedder: Embedder) -> npt.NDArray[np.float16]:
-    """The model's vectors of the calibration corpus, in fixed batches (slow: a thread)."""
-    texts = embedder.clip(calibration_texts())
+def calibrate(embedder: Embedder, limit: int | None = None) -> npt.NDArray[np.float16]:
+    """The model's vectors of the calibration corpus (its first ``limit`` texts), in fixed
+    batches (slow: call it on a thread)."""
+    texts = embedder.clip(calibration_texts()[:limit])
     batches = [
         embedder.embed(texts[start : start + _BATCH_SIZE])
         for start in range(0, len(texts), _BATCH_SIZE)
