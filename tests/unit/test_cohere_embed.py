@@ -187,3 +187,22 @@ def test_cohere_truncate_maps_onto_truncate_and_its_direction(
         "truncate": True,
         "truncation_direction": "right",
     }
+
+
+async def test_the_simple_api_serves_every_embedding_type(client: httpx.AsyncClient) -> None:
+    for embedding_type in ("int8", "ubinary", "float32"):
+        one = await client.post("/embed", json={"text": "alpha", "embedding_type": embedding_type})
+        assert one.status_code == 200, one.text
+        many = await client.post(
+            "/embed/batch", json={"texts": TEXTS, "embedding_type": embedding_type}
+        )
+        assert many.status_code == 200, many.text
+        expected = _expected(TEXTS, "float32" if embedding_type == "float32" else embedding_type)
+        if embedding_type == "float32":
+            np.testing.assert_allclose(many.json()["embeddings"], expected, rtol=1e-6)
+        else:
+            assert many.json()["embeddings"] == expected
+            assert one.json()["embedding"] == expected[0]
+    reply = await client.post("/embed", json={"text": "alpha", "embedding_type": "int4"})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "embedding_type"

@@ -7,15 +7,24 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from embedpipe.quantization import EmbeddingType
+
+_EMBEDDING_TYPE = (
+    "The vector's type: float32, float16, int8, uint8 (fixed per-model buckets), binary or "
+    "ubinary (sign bits packed 8 to a byte); as JSON numbers."
+)
+
 
 class EmbedRequest(BaseModel):
     text: str = Field(examples=["hello world"])
     model: str | None = Field(None, description="Defaults to the server's default model.")
+    embedding_type: EmbeddingType = Field("float32", description=_EMBEDDING_TYPE)
 
 
 class EmbedBatchRequest(BaseModel):
     texts: list[str] = Field(examples=[["hello", "world"]])
     model: str | None = None
+    embedding_type: EmbeddingType = Field("float32", description=_EMBEDDING_TYPE)
 
 
 class EmbeddingObject(BaseModel):

@@ -24,6 +24,7 @@ from embedpipe.api.schemas import (
 from embedpipe.api.security import admit_request, charge_tokens
 from embedpipe.errors import InvalidInput
 from embedpipe.inputs import check_sizes, check_text, max_json_values
+from embedpipe.operations.simple_embed import output_shape
 from embedpipe.runtime import Runtime
 
 router = APIRouter(tags=["Simple"])
@@ -48,6 +49,7 @@ async def embed_one(
     body = await json_body(request, EmbedRequest, max_values=max_json_values(limits), param="text")
     check_text(body.text, None, limits, param="text")
     model = body.model or runtime.default_model
+    shape = output_shape(runtime.service, model, body.embedding_type)
     texts = await runtime.service.clip(model, [body.text])
     tokens = await runtime.service.count_tokens(model, texts)
     limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="text")
@@ -57,7 +59,7 @@ async def embed_one(
         result = await unless_disconnected(request, runtime.service.embed(model, texts, tokens))
     return json_response(
         {
-            "embedding": result.vectors[0],
+            "embedding": shape(result.vectors)[0],
             "cached": result.sources[0] in ("l1", "l2"),
             "model": result.model,
         },
@@ -86,6 +88,7 @@ async def embed_batch(
     for index, text in enumerate(body.texts):
         check_text(text, index, limits, param="texts")
     model = body.model or runtime.default_model
+    shape = output_shape(runtime.service, model, body.embedding_type)
     texts = await runtime.service.clip(model, body.texts)
     tokens = await runtime.service.count_tokens(model, texts)
     limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="texts")
@@ -94,7 +97,7 @@ async def embed_batch(
         result = await unless_disconnected(request, runtime.service.embed(model, texts, tokens))
     return json_response(
         {
-            "embeddings": result.vectors,
+            "embeddings": shape(result.vectors),
             "count": len(body.texts),
             "cached_count": result.cached_count,
             "model": result.model,
