@@ -1,5 +1,5 @@
-"""Cohere's ``POST /v2/embed`` and ``embedding_type`` on ``/v1/embeddings``, on the real
-application over a fake model with a fixed calibration."""
+"""``embedding_type`` on ``/v1/embeddings``, the simple API and batch lines, and Cohere's
+``POST /v2/embed``: the real application over a fake model with a fixed calibration."""
 
 from __future__ import annotations
 
@@ -206,3 +206,26 @@ async def test_the_simple_api_serves_every_embedding_type(client: httpx.AsyncCli
     reply = await client.post("/embed", json={"text": "alpha", "embedding_type": "int4"})
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "embedding_type"
+
+
+async def test_a_batch_line_gets_its_embedding_type_or_a_400_on_it(tmp_path: Path) -> None:
+    from embedpipe.batches.store_sqlite import SqliteJobStore
+    from embedpipe.batches.wiring import new_processor
+
+    settings = Settings(data_dir=tmp_path / "data")
+    _, runtime = fake_app(settings, calibration=CALIBRATION)
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    try:
+        processor = new_processor(settings, runtime, store)
+        body = {"model": "fake", "input": TEXTS, "embedding_type": "uint8"}
+        line = await processor._answer("batch_1", {"custom_id": "a", "body": body})
+        assert line["response"]["status_code"] == 200
+        rows = [item["embedding"] for item in line["response"]["body"]["data"]]
+        assert [row.tolist() for row in rows] == _expected(TEXTS, "uint8")
+        bad = {**body, "embedding_type": "int4"}
+        line = await processor._answer("batch_1", {"custom_id": "b", "body": bad})
+        assert line["response"]["status_code"] == 400
+        assert line["response"]["body"]["error"]["param"] == "embedding_type"
+    finally:
+        await store.close()
+        await runtime.close()
