@@ -229,3 +229,27 @@ async def test_a_batch_line_gets_its_embedding_type_or_a_400_on_it(tmp_path: Pat
     finally:
         await store.close()
         await runtime.close()
+
+
+def _outputs(embedding_type: str) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"model": "fake", "type": embedding_type}
+    return REGISTRY.get_sample_value("embedpipe_embedding_outputs_total", labels) or 0.0
+
+
+async def test_vectors_served_are_counted_by_output_type(client: httpx.AsyncClient) -> None:
+    from embedpipe import metrics
+    from embedpipe.quantization import EMBEDDING_TYPES
+
+    assert metrics.OUTPUT_TYPES == EMBEDDING_TYPES
+    before = {name: _outputs(name) for name in ("float32", "int8", "binary")}
+    await client.post(
+        "/v1/embeddings", json={"model": "fake", "input": TEXTS, "embedding_type": "int8"}
+    )
+    await client.post(
+        "/v2/embed",
+        json={"model": "fake", "texts": ["x"], "embedding_types": ["float", "base64", "binary"]},
+    )
+    after = {name: _outputs(name) - before[name] for name in before}
+    assert after == {"float32": 2.0, "int8": 3.0, "binary": 1.0}

@@ -18,7 +18,7 @@ from embedpipe.quantization import (
     EmbeddingType,
     check_output_type,
     json_ready,
-    quantize,
+    served_as,
     to_base64_of_type,
 )
 from embedpipe.service import EmbeddingService, EmbedResult
@@ -94,7 +94,7 @@ def output_vectors(
     """The result's vectors cut to ``dimensions`` (renormalised), then made ``embedding_type``:
     always in that order, so int8 buckets and sign bits are those of the vector served."""
     vectors = truncate(result.vectors, prepared.dimensions)
-    return quantize(vectors, embedding_type, prepared.calibration)
+    return served_as(result.model, vectors, embedding_type, prepared.calibration)
 
 
 def respond(prepared: PreparedRequest, result: EmbedResult) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from embedpipe.quantization import EmbeddingType, check_output_type, json_ready, quantize
+from embedpipe.quantization import EmbeddingType, check_output_type, json_ready, served_as
 from embedpipe.service import EmbeddingService
 
 Shape = Callable[[npt.NDArray[np.float32]], list[npt.NDArray[np.generic]]]
@@ -22,6 +22,7 @@ def output_shape(service: EmbeddingService, model: str, embedding_type: Embeddin
     check_output_type(embedding_type, info.dimensions, calibration)
 
     def shape(vectors: npt.NDArray[np.float32]) -> list[npt.NDArray[np.generic]]:
-        return [json_ready(row) for row in quantize(vectors, embedding_type, calibration)]
+        rows = served_as(info.name, vectors, embedding_type, calibration)
+        return [json_ready(row) for row in rows]
 
     return shape

@@ -7,6 +7,7 @@ from embedpipe.quantization.output_types import (
     check_output_type,
     json_ready,
     quantize,
+    served_as,
     to_base64_of_type,
 )
 
@@ -18,5 +19,6 @@ __all__ = [
     "json_ready",
     "load_calibration",
     "quantize",
+    "served_as",
     "to_base64_of_type",
 ]

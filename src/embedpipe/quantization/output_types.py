@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
+from embedpipe import metrics
 from embedpipe.errors import InvalidInput
 from embedpipe.quantization.calibration import Calibration
 
@@ -59,6 +60,17 @@ def check_output_type(
             "(an upstream model): use float32, float16, binary or ubinary.",
             param=param,
         )
+
+
+def served_as(
+    model: str,
+    vectors: npt.NDArray[np.float32],
+    embedding_type: EmbeddingType,
+    calibration: Calibration | None = None,
+) -> npt.NDArray[np.generic]:
+    """:func:`quantize`, counted in the metrics as vectors served of that type."""
+    metrics.EMBEDDING_OUTPUTS.labels(model=model, type=embedding_type).inc(len(vectors))
+    return quantize(vectors, embedding_type, calibration)
 
 
 def quantize(
