@@ -267,6 +267,13 @@ def embed(
         int,
         typer.Option(min=1, help="--server: rows per submitted batch (the server's limit)."),
     ] = 50_000,
+    embedding_type: Annotated[
+        Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+        typer.Option(
+            help="The vectors' type, stored natively (binary/ubinary: packed sign bits, "
+            "dims / 8 bytes). Not yet with --server."
+        ),
+    ] = "float32",
 ) -> None:
     """Embed a dataset file in this process, through the same cache and batcher as the server,
     or with --server as batch jobs on a running service.
@@ -279,6 +286,9 @@ def embed(
     from embedpipe.errors import EmbedpipeError
 
     err = Console(stderr=True)
+    if server is not None and embedding_type != "float32":
+        err.print("[red]error:[/red] --embedding-type is not available with --server yet")
+        raise typer.Exit(2)
     if server is not None:
         _embed_on_server(
             err,
@@ -315,6 +325,7 @@ def embed(
                 on_error=on_error,
                 console=err,
                 quiet=quiet,
+                embedding_type=embedding_type,
             )
         )
     except EmbedpipeError as exc:

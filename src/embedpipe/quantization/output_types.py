@@ -37,6 +37,12 @@ _WIRE_DTYPES: dict[str, np.dtype[Any]] = {
 _BUCKETS = 255  # intervals between a dimension's minimum and maximum: levels 0..255
 
 
+def output_layout(embedding_type: EmbeddingType, dimensions: int) -> tuple[int, np.dtype[Any]]:
+    """Values per vector and their little-endian dtype, for ``dimensions``-wide vectors."""
+    width = dimensions // 8 if embedding_type.endswith("binary") else dimensions
+    return width, _WIRE_DTYPES[embedding_type]
+
+
 def check_output_type(
     embedding_type: EmbeddingType,
     width: int,
