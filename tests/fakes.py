@@ -24,6 +24,7 @@ from embedpipe.embedders import ModelInfo, ModelRegistry, ModelSpec, Vectors
 from embedpipe.embedders.base import PLAIN, TextForm
 from embedpipe.embedders.prompts import ModelPrompts
 from embedpipe.embedders.tokens import Truncation
+from embedpipe.quantization import Calibration
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.runtime import Runtime
 from embedpipe.service import EmbeddingService
@@ -205,9 +206,14 @@ class FakeUpstream:
         )
 
 
-def fake_app(settings: Settings, embedder: FakeEmbedder | None = None) -> tuple[FastAPI, Runtime]:
+def fake_app(
+    settings: Settings,
+    embedder: FakeEmbedder | None = None,
+    calibration: Calibration | None = None,
+) -> tuple[FastAPI, Runtime]:
     """The real application over a fake model named "fake" (call from a running event loop;
-    no lifespan: nothing real to load). Close the runtime when done."""
+    no lifespan: nothing real to load). Close the runtime when done. ``calibration``: the
+    fake's int8 ranges (without it, int8 and uint8 are refused as for an upstream model)."""
     embedder = embedder or FakeEmbedder(name="fake", dimensions=8)
     registry = ModelRegistry()
     registry.add(ModelSpec(name="fake", source="memory"), embedder)
@@ -222,6 +228,7 @@ def fake_app(settings: Settings, embedder: FakeEmbedder | None = None) -> tuple[
             {"fake": batcher},
             cache,
             settings.cache.model_copy(update={"per_tenant": cache_per_tenant(settings)}),
+            {"fake": calibration} if calibration is not None else None,
         ),
         default_model="fake",
         batchers={"fake": batcher},

@@ -281,6 +281,13 @@ def embed(
         LongText,
         typer.Option(help="A text past the model's window: cut (truncate) or its windows' mean."),
     ] = "truncate",
+    embedding_type: Annotated[
+        Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+        typer.Option(
+            help="The vectors' type, stored natively (binary/ubinary: packed sign bits, "
+            "dims / 8 bytes). Not yet with --server."
+        ),
+    ] = "float32",
 ) -> None:
     """Embed a dataset file in this process, through the same cache and batcher as the server,
     or with --server as batch jobs on a running service.
@@ -294,6 +301,9 @@ def embed(
 
     err = Console(stderr=True)
     request = RequestOptions(input_type=input_type, long_text=long_text)
+    if server is not None and embedding_type != "float32":
+        err.print("[red]error:[/red] --embedding-type is not available with --server yet")
+        raise typer.Exit(2)
     if server is not None:
         _embed_on_server(
             err,
@@ -332,6 +342,7 @@ def embed(
                 console=err,
                 quiet=quiet,
                 request=request,
+                embedding_type=embedding_type,
             )
         )
     except EmbedpipeError as exc:

@@ -61,6 +61,12 @@ EMBEDDINGS = Counter(
     "already in flight for another request) or computed. Saved work = l1 + l2 + shared.",
     ["model", "source"],
 )
+EMBEDDING_OUTPUTS = Counter(
+    "embedpipe_embedding_outputs",
+    "Vectors written in answers, by model and output type (embedding_type; Cohere's float "
+    "and base64 count as float32): one per text and asked type.",
+    ["model", "type"],
+)
 CACHE_ERRORS = Counter(
     "embedpipe_cache_errors",
     "Cache operations that failed or were skipped by an open circuit breaker.",
@@ -197,6 +203,8 @@ MODEL_INFO = Gauge(
 # metrics"): a series that appears only at its first event leaves rate(), alerts and panels
 # with nothing to work on.
 SOURCES = ("l1", "l2", "shared", "computed")
+# embedpipe.quantization.EMBEDDING_TYPES (a test keeps them equal; this module imports nothing).
+OUTPUT_TYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 JOB_STATUSES = ("completed", "failed", "cancelled", "expired")
 JOB_ITEM_STATUSES = ("succeeded", "failed", "expired")
 
@@ -214,6 +222,8 @@ def start_at_zero(
     for name, upstream in models:
         for source in SOURCES:
             EMBEDDINGS.labels(model=name, source=source)
+        for output_type in OUTPUT_TYPES:
+            EMBEDDING_OUTPUTS.labels(model=name, type=output_type)
         for family in (TOKENS, BATCH_SIZE, BATCH_TOKENS, INFERENCE_SECONDS, QUEUE_WAIT):
             family.labels(model=name)
         QUEUE_DEPTH.labels(model=name)

@@ -21,6 +21,7 @@ from embedpipe.batcher import Batcher, MicroBatcher
 from embedpipe.cache import TieredCache, open_cache
 from embedpipe.embedders import ModelRegistry, configure_threads, load_embedder, parse_model_specs
 from embedpipe.inputs import TokenDecoder
+from embedpipe.quantization import Calibration, load_calibration
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import Settings
@@ -61,6 +62,7 @@ class Runtime:
             stack.push_async_callback(cache.close)
             registry = ModelRegistry()
             batchers: dict[str, Batcher] = {}
+            calibrations: dict[str, Calibration] = {}
             for spec in specs:
                 batcher: Batcher
                 if spec.backend == "openai":
@@ -76,6 +78,10 @@ class Runtime:
                     # Warm up: the first call allocates and is several times slower than the
                     # rest.
                     await asyncio.to_thread(embedder.embed, ["warm up the model", "a second text"])
+                    # Before the batcher starts: one inference at a time, in a fixed order.
+                    calibrations[spec.name] = await asyncio.to_thread(
+                        load_calibration, embedder, settings.data_dir
+                    )
                     registry.add(spec, embedder)
                     batcher = MicroBatcher(embedder, settings.batching)
                     stack.push_async_callback(batcher.stop)
@@ -88,7 +94,7 @@ class Runtime:
             cache_settings = settings.cache.model_copy(
                 update={"per_tenant": cache_per_tenant(settings)}
             )
-            service = EmbeddingService(registry, batchers, cache, cache_settings)
+            service = EmbeddingService(registry, batchers, cache, cache_settings, calibrations)
             metrics.start_at_zero(
                 models=[(embedder.info.name, embedder.info.upstream) for embedder in registry],
                 tiers=[cache.l2.name] if cache.l2 is not None else [],

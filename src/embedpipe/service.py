@@ -21,6 +21,7 @@ from embedpipe.cache import TieredCache, VectorCodec, cache_key
 from embedpipe.embedders import ModelInfo, ModelRegistry, ServedModel, Vectors
 from embedpipe.embedders.base import PLAIN, TextForm
 from embedpipe.embedders.tokens import Truncation
+from embedpipe.quantization import Calibration
 from embedpipe.settings import CacheSettings
 from embedpipe.tenancy import current_tenant, tenant_namespace
 
@@ -55,8 +56,11 @@ class EmbeddingService:
         batchers: Mapping[str, Batcher],
         cache: TieredCache,
         cache_settings: CacheSettings,
+        calibrations: Mapping[str, Calibration] | None = None,
     ) -> None:
         self._models = models
+        # int8/uint8 ranges per local model (by canonical name); upstream models have none.
+        self._calibrations = dict(calibrations or {})
         self._batchers = batchers
         self._cache = cache
         self._namespace = cache_settings.namespace
@@ -78,6 +82,10 @@ class EmbeddingService:
 
     def resolve_model(self, name: str) -> str:
         return self._models.resolve(name)
+
+    def calibration(self, model: str) -> Calibration | None:
+        """The model's int8/uint8 calibration; None for a model without one."""
+        return self._calibrations.get(self._models.resolve(model))
 
     async def clip(
         self, model: str, texts: Sequence[str], truncation: Truncation = "right"

@@ -10,18 +10,19 @@ from embedpipe.embedders import Vectors
 from embedpipe.errors import InvalidInput
 
 
-def check_dimensions(dimensions: int | None, model_dimensions: int) -> int | None:
+def check_dimensions(
+    dimensions: int | None, model_dimensions: int, *, param: str = "dimensions"
+) -> int | None:
     """``dimensions`` must be 1..the model's size; None (or the full size) means unchanged.
     A size of 0 is not known yet (an upstream model before its first answer): any positive
-    ``dimensions`` goes, for the upstream to judge."""
+    ``dimensions`` goes, for the upstream to judge. ``param``: the field's name in a 400."""
     if dimensions is None or dimensions == model_dimensions:
         return None
     upper = model_dimensions or dimensions
     if isinstance(dimensions, bool) or not 1 <= dimensions <= upper:
         raise InvalidInput(
-            f"'dimensions' must be between 1 and {model_dimensions} for this model, "
-            f"got {dimensions}.",
-            param="dimensions",
+            f"'{param}' must be between 1 and {model_dimensions} for this model, got {dimensions}.",
+            param=param,
         )
     return dimensions
 

@@ -125,6 +125,30 @@ CATALOGUE: list[tuple[str, str, str, Any, int, str | None]] = [
         400,
         "inputs",
     ),
+    (
+        "unknown embedding_type",
+        "POST",
+        "/v1/embeddings",
+        {**OK, "embedding_type": "int4"},
+        400,
+        "embedding_type",
+    ),
+    (
+        "binary with dimensions not a multiple of 8",
+        "POST",
+        "/v1/embeddings",
+        {**OK, "embedding_type": "binary", "dimensions": 100},
+        400,
+        "dimensions",
+    ),
+    (
+        "embedding_type not a string",
+        "POST",
+        "/v1/embeddings",
+        {**OK, "embedding_type": 8},
+        400,
+        "embedding_type",
+    ),
     ("embed empty text", "POST", "/embed", {"text": ""}, 400, "text"),
     ("embed missing text", "POST", "/embed", {}, 400, "text"),
     ("embed text list", "POST", "/embed", {"text": ["a"]}, 400, "text"),
@@ -199,6 +223,52 @@ def test_bad_request_gets_a_clear_4xx(
     else:
         reply = http.request(method, path, json=body)
     _assert_envelope(reply, status, param)
+
+
+COHERE_OK = {"model": MODEL, "texts": ["hello"], "input_type": "search_document"}
+# Cohere's embed (errors in Cohere's shape): (name, body, status, a word the message holds)
+COHERE_CATALOGUE: list[tuple[str, Any, int, str]] = [
+    ("empty texts", {**COHERE_OK, "texts": []}, 400, "texts"),
+    ("empty text", {**COHERE_OK, "texts": ["a", ""]}, 400, "texts"),
+    ("no texts", {"model": MODEL}, 400, "texts"),
+    ("texts not a list", {**COHERE_OK, "texts": "hello"}, 400, "texts"),
+    ("unknown type", {**COHERE_OK, "embedding_types": ["int4"]}, 400, "embedding_types"),
+    ("types not a list", {**COHERE_OK, "embedding_types": "int8"}, 400, "embedding_types"),
+    ("output_dimension too big", {**COHERE_OK, "output_dimension": 385}, 400, "output_dimension"),
+    ("output_dimension zero", {**COHERE_OK, "output_dimension": 0}, 400, "output_dimension"),
+    ("output_dimension string", {**COHERE_OK, "output_dimension": "8"}, 400, "output_dimension"),
+    (
+        "binary at 100 dimensions",
+        {**COHERE_OK, "output_dimension": 100, "embedding_types": ["ubinary"]},
+        400,
+        "multiple of 8",
+    ),
+    ("unknown truncate", {**COHERE_OK, "truncate": "MIDDLE"}, 400, "truncate"),
+    ("unknown input_type", {**COHERE_OK, "input_type": "poem"}, 400, "input_type"),
+    ("images", {**COHERE_OK, "images": ["data:image/png;base64,AA=="]}, 400, "Images"),
+    ("unknown model", {**COHERE_OK, "model": "embed-v9"}, 404, "embed-v9"),
+    ("invalid json", b'{"texts": [', 400, "JSON"),
+]
+
+
+@pytest.mark.parametrize("path", ["/v2/embed", "/v1/embed"])
+@pytest.mark.parametrize(
+    ("body", "status", "word"),
+    [case[1:] for case in COHERE_CATALOGUE],
+    ids=[case[0] for case in COHERE_CATALOGUE],
+)
+def test_bad_cohere_request_gets_a_clear_4xx_in_cohere_shape(
+    http: httpx.Client, path: str, body: Any, status: int, word: str
+) -> None:
+    if isinstance(body, bytes):
+        reply = http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        reply = http.post(path, json=body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()
+    assert set(error) == {"id", "message"}
+    assert word.lower() in error["message"].lower(), error
+    assert "Traceback" not in reply.text
 
 
 def test_20_mb_body_is_refused_with_413(http: httpx.Client) -> None:

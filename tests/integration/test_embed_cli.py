@@ -33,7 +33,8 @@ from embedpipe.datasets.formats import OutputFormat
 from embedpipe.datasets.local import EmbedJob, default_output, run_embed_job
 from embedpipe.datasets.progress import JobReport, ProgressUpdate
 from embedpipe.embedders import ModelRegistry, ModelSpec
-from embedpipe.errors import DatasetError, ModelFailed
+from embedpipe.errors import DatasetError, InvalidInput, ModelFailed
+from embedpipe.quantization import Calibration, quantize
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import BatchingSettings, CacheSettings
 from tests.fakes import FakeEmbedder, vector_for
@@ -69,7 +70,9 @@ def write_jsonl(path: Path, texts: list[str], **extra: list[Any]) -> Path:
 
 
 @asynccontextmanager
-async def fake_service(embedder: FakeEmbedder) -> AsyncIterator[EmbeddingService]:
+async def fake_service(
+    embedder: FakeEmbedder, calibration: Calibration | None = None
+) -> AsyncIterator[EmbeddingService]:
     """The real service and batcher around a fake model, with no cache (so every vector a
     job writes was either computed by this run or taken from a committed part)."""
     registry = ModelRegistry()
@@ -78,7 +81,11 @@ async def fake_service(embedder: FakeEmbedder) -> AsyncIterator[EmbeddingService
     batcher.start()
     try:
         yield EmbeddingService(
-            registry, {"fake": batcher}, TieredCache(MemoryTier(0), None), CacheSettings()
+            registry,
+            {"fake": batcher},
+            TieredCache(MemoryTier(0), None),
+            CacheSettings(),
+            {"fake": calibration} if calibration is not None else None,
         )
     finally:
         await batcher.stop()
@@ -211,6 +218,55 @@ async def test_chunks_larger_than_the_queue_and_an_empty_input(tmp_path: Path) -
     report = await run_fake(job_for(empty, tmp_path / "empty.parquet"))
     assert report.rows == 0
     assert pq.read_table(tmp_path / "empty.parquet").num_rows == 0
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])
+@pytest.mark.parametrize("embedding_type", ["int8", "ubinary", "float16"])
+async def test_an_output_type_is_stored_natively_in_every_format(
+    tmp_path: Path, suffix: str, embedding_type: str
+) -> None:
+    texts = [f"text {i}" for i in range(40)]
+    source = write_jsonl(tmp_path / "in.jsonl", texts)
+    calibration = Calibration("fake", np.stack([vector_for(f"c{i}") for i in range(64)]))
+    output = tmp_path / f"out{suffix}"
+    fmt: OutputFormat = {".parquet": "parquet", ".npy": "npy", ".jsonl": "jsonl"}[suffix]  # type: ignore[assignment]
+    job = EmbedJob(
+        input=source,
+        output=output,
+        format=fmt,
+        model="fake",
+        chunk_size=16,
+        embedding_type=embedding_type,  # type: ignore[arg-type]
+    )
+    async with fake_service(FakeEmbedder(), calibration) as service:
+        await run_embed_job(service, job, max_queue_texts=1000)
+    floats = np.stack([vector_for(text) for text in texts])
+    want = quantize(floats, embedding_type, calibration)  # type: ignore[arg-type]
+    if suffix == ".npy":
+        got = np.load(output)
+        assert got.dtype == want.dtype
+    elif suffix == ".parquet":
+        column = pq.read_table(output).column("embedding").combine_chunks()
+        assert column.type.value_type == pa.from_numpy_dtype(want.dtype)
+        got = column.values.to_numpy().reshape(len(texts), -1)
+    else:
+        records = [orjson.loads(line) for line in output.read_bytes().splitlines()]
+        got = np.array([record["embedding"] for record in records], np.float32)
+        got = got.astype(want.dtype)
+    np.testing.assert_array_equal(got, want)
+
+
+async def test_an_output_type_the_model_cannot_give_fails_before_any_work(
+    tmp_path: Path,
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", ["a", "b"])
+    job = EmbedJob(
+        input=source, output=tmp_path / "o.npy", format="npy", model="fake", embedding_type="int8"
+    )
+    embedder = FakeEmbedder()
+    with pytest.raises(InvalidInput, match="calibrated ranges"):
+        await run_fake(job, embedder)
+    assert embedder.calls == []
 
 
 def test_default_output_name() -> None:
@@ -413,6 +469,12 @@ def test_usage_errors_need_no_model(tmp_path: Path) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = embed_cli(tmp_path, "in.jsonl", "--server", nobody, check=False)
     assert result.returncode == 1 and f"cannot reach {nobody}" in result.stderr
+    result = embed_cli(
+        tmp_path, "in.jsonl", "--server", nobody, "--embedding-type", "int8", check=False
+    )
+    assert result.returncode == 2 and "not available with --server" in result.stderr
+    result = embed_cli(tmp_path, "in.jsonl", "--embedding-type", "int4", check=False)
+    assert result.returncode == 2 and "int4" in result.stderr
 
 
 @pytest.mark.model

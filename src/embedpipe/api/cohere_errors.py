@@ -15,9 +15,9 @@ from collections.abc import Collection
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# The paths Cohere's SDK (and LangChain's and LlamaIndex's Cohere classes) call: embed v2 and
-# rerank v1/v2. Jina's rerank clients call /v1/rerank too and read only the status.
-COHERE_PATHS = ("/v2/embed", "/v1/rerank", "/v2/rerank")
+# The paths Cohere's SDK (and LangChain's and LlamaIndex's Cohere classes) call: embed v1/v2
+# and rerank v1/v2. Jina's rerank clients call /v1/rerank too and read only the status.
+COHERE_PATHS = ("/v2/embed", "/v1/embed", "/v1/rerank", "/v2/rerank")
 
 # Bigger is not one of our envelopes: passed through as it is.
 _MAX_ERROR_BODY = 64 * 1024

@@ -7,24 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from embedpipe.api.deps import (
-    body_schema,
-    get_runtime,
-    json_body,
-    json_response,
-    off_loop_if_big,
-    unless_disconnected,
-)
+from embedpipe.api.deps import body_schema, get_runtime, json_body, json_response
+from embedpipe.api.embedding_steps import embed_request
 from embedpipe.api.schemas import EmbeddingResponse, ErrorBody, ModelList
-from embedpipe.api.security import admit_request, charge_tokens
+from embedpipe.api.security import admit_request
 from embedpipe.inputs import max_json_values
-from embedpipe.operations.openai_embeddings import (
-    EmbeddingRequest,
-    embed_inputs,
-    prepare,
-    prepare_inputs,
-    respond,
-)
+from embedpipe.operations.openai_embeddings import EmbeddingRequest, respond
 from embedpipe.runtime import Runtime
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -48,24 +36,7 @@ async def create_embeddings(
     admission = await admit_request(request, runtime)
     limits = runtime.settings.limits
     body = await json_body(request, EmbeddingRequest, max_values=max_json_values(limits))
-    service = runtime.service
-    prepared = await off_loop_if_big(request, prepare, service, runtime.token_decoder, limits, body)
-    # Cut at the window (or into windows) before anything tokenizes a whole long text, then
-    # counted once: the token budget is charged what `usage` reports, before any model work.
-    inputs = await prepare_inputs(service, limits, prepared)
-    limit_headers = await charge_tokens(admission, runtime, inputs.total_tokens, param="input")
-    # From L1 without a task; only work that may wait is watched for a client going away.
-    result = service.embed_from_memory(
-        prepared.model,
-        inputs.texts,
-        inputs.tokens,
-        dimensions=prepared.dimensions,
-        form=inputs.form,
-    )
-    if result is None:
-        result = await unless_disconnected(request, embed_inputs(service, prepared, inputs))
-    else:
-        result = inputs.combine(result)
+    prepared, result, limit_headers = await embed_request(request, runtime, admission, body)
     return json_response(respond(prepared, result), headers=limit_headers)
 
 

@@ -8,20 +8,27 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from embedpipe.embedders.prompts import InputType
+from embedpipe.quantization import EmbeddingType
 
 _INPUT_TYPE = "What the texts are, to pick the model's prompt (as on /v1/embeddings)."
+_EMBEDDING_TYPE = (
+    "The vector's type: float32, float16, int8, uint8 (fixed per-model buckets), binary or "
+    "ubinary (sign bits packed 8 to a byte); as JSON numbers."
+)
 
 
 class EmbedRequest(BaseModel):
     text: str = Field(examples=["hello world"])
     model: str | None = Field(None, description="Defaults to the server's default model.")
     input_type: InputType | None = Field(None, description=_INPUT_TYPE)
+    embedding_type: EmbeddingType = Field("float32", description=_EMBEDDING_TYPE)
 
 
 class EmbedBatchRequest(BaseModel):
     texts: list[str] = Field(examples=[["hello", "world"]])
     model: str | None = None
     input_type: InputType | None = Field(None, description=_INPUT_TYPE)
+    embedding_type: EmbeddingType = Field("float32", description=_EMBEDDING_TYPE)
 
 
 class EmbeddingObject(BaseModel):
@@ -76,3 +83,36 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class CohereErrorBody(BaseModel):
+    """Cohere's error shape, on the Cohere-compatible routes."""
+
+    id: str
+    message: str
+
+
+class CohereEmbeddingsByType(BaseModel):
+    float_: list[list[float]] | None = Field(None, alias="float")
+    int8: list[list[int]] | None = None
+    uint8: list[list[int]] | None = None
+    binary: list[list[int]] | None = None
+    ubinary: list[list[int]] | None = None
+    base64: list[str] | None = None
+
+
+class CohereBilledUnits(BaseModel):
+    input_tokens: int
+
+
+class CohereMeta(BaseModel):
+    api_version: dict[str, str]
+    billed_units: CohereBilledUnits
+
+
+class CohereEmbedResponse(BaseModel):
+    id: str
+    embeddings: CohereEmbeddingsByType
+    texts: list[str]
+    meta: CohereMeta
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"

@@ -26,6 +26,7 @@ from embedpipe.embedders.prompts import InputType
 from embedpipe.errors import InvalidInput
 from embedpipe.inputs import check_sizes, check_text, max_json_values
 from embedpipe.operations.model_inputs import InputOptions, model_inputs
+from embedpipe.operations.simple_embed import output_shape
 from embedpipe.runtime import Runtime
 from embedpipe.service import EmbedResult
 
@@ -51,12 +52,13 @@ async def embed_one(
     body = await json_body(request, EmbedRequest, max_values=max_json_values(limits), param="text")
     check_text(body.text, None, limits, param="text")
     model = body.model or runtime.default_model
+    shape = output_shape(runtime.service, model, body.embedding_type)
     result, limit_headers = await _embed(
         request, runtime, admission, model, [body.text], body.input_type, "text"
     )
     return json_response(
         {
-            "embedding": result.vectors[0],
+            "embedding": shape(result.vectors)[0],
             "cached": result.sources[0] in ("l1", "l2"),
             "model": result.model,
         },
@@ -85,12 +87,13 @@ async def embed_batch(
     for index, text in enumerate(body.texts):
         check_text(text, index, limits, param="texts")
     model = body.model or runtime.default_model
+    shape = output_shape(runtime.service, model, body.embedding_type)
     result, limit_headers = await _embed(
         request, runtime, admission, model, body.texts, body.input_type, "texts"
     )
     return json_response(
         {
-            "embeddings": result.vectors,
+            "embeddings": shape(result.vectors),
             "count": len(body.texts),
             "cached_count": result.cached_count,
             "model": result.model,

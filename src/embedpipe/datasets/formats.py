@@ -16,6 +16,8 @@ Writers take vectors a block at a time and never hold more than one row group::
 
 Parquet output has columns ``id`` and ``embedding`` (a fixed-size ``float32`` list); ``.npy``
 is the float32 matrix alone (row i = the i-th row written); JSONL has ``{"id", "embedding"}``.
+Another output type (``embed --embedding-type``) is stored natively: float16 (Parquet
+``halffloat``, ``<f2``), int8 and uint8 (binary/ubinary: the packed bytes); JSONL as numbers.
 """
 
 from __future__ import annotations
@@ -363,34 +365,41 @@ def open_reader(path: Path, *, text_field: str = "text", id_field: str | None = 
 # --- writers -------------------------------------------------------------------------------
 
 Matrix = npt.NDArray[np.float32]
+# What the writers take: float32 vectors, or another output type's rows (float16, int8,
+# uint8, packed bits), stored natively.
+AnyMatrix = npt.NDArray[Any]
 
 
-def embedding_type(dims: int) -> pa.DataType:
-    return pa.list_(pa.float32(), dims)
+def embedding_type(dims: int, dtype: npt.DTypeLike = np.float32) -> pa.DataType:
+    return pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), dims)
 
 
-def vectors_to_arrow(vectors: Matrix) -> pa.FixedSizeListArray:
-    """A (n, dims) float32 matrix as a fixed-size list array, without copying the values."""
-    flat = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), vectors.shape[1])
+def vectors_to_arrow(vectors: AnyMatrix) -> pa.FixedSizeListArray:
+    """A (n, dims) matrix as a fixed-size list array of its dtype, without copying."""
+    flat = np.ascontiguousarray(vectors).reshape(-1)
+    values = pa.array(flat, type=pa.from_numpy_dtype(flat.dtype))
+    return pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])
 
 
 class VectorWriter:
     """Appends (ids, vectors) blocks to an output file; ``close()`` finishes it."""
 
-    def __init__(self, path: Path, dims: int, id_type: pa.DataType) -> None:
+    def __init__(
+        self, path: Path, dims: int, id_type: pa.DataType, dtype: npt.DTypeLike = np.float32
+    ) -> None:
         self.path = path
         self.dims = dims
         self.id_type = id_type
+        self.dtype = np.dtype(dtype)
         self.rows = 0
 
-    def write(self, ids: Sequence[RowId] | pa.Array, vectors: Matrix) -> None:
+    def write(self, ids: Sequence[RowId] | pa.Array, vectors: AnyMatrix) -> None:
         if vectors.ndim != 2 or vectors.shape[1] != self.dims or len(ids) != len(vectors):
             raise ValueError(f"expected {len(ids)} x {self.dims} vectors, got {vectors.shape}")
-        self._write(ids, vectors)
+        self._write(ids, vectors.astype(self.dtype, copy=False))
         self.rows += len(vectors)
 
-    def _write(self, ids: Sequence[RowId] | pa.Array, vectors: Matrix) -> None:
+    def _write(self, ids: Sequence[RowId] | pa.Array, vectors: AnyMatrix) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -406,8 +415,8 @@ class VectorWriter:
 
 
 class ParquetVectorWriter(VectorWriter):
-    """Columns ``id`` and ``embedding`` (fixed-size float32 list), one row group per
-    ~``row_group_rows`` rows."""
+    """Columns ``id`` and ``embedding`` (fixed-size list of the writer's dtype), one row group
+    per ~``row_group_rows`` rows."""
 
     def __init__(
         self,
@@ -416,10 +425,14 @@ class ParquetVectorWriter(VectorWriter):
         id_type: pa.DataType,
         metadata: dict[str, str] | None = None,
         row_group_rows: int = _ROW_GROUP_ROWS,
+        dtype: npt.DTypeLike = np.float32,
     ) -> None:
-        super().__init__(path, dims, id_type)
+        super().__init__(path, dims, id_type, dtype)
         self.schema = pa.schema(
-            [pa.field("id", id_type, nullable=False), ("embedding", embedding_type(dims))],
+            [
+                pa.field("id", id_type, nullable=False),
+                ("embedding", embedding_type(dims, self.dtype)),
+            ],
             metadata=metadata,
         )
         # Neither unique ids nor float vectors repeat: dictionary pages would only cost time.
@@ -428,7 +441,7 @@ class ParquetVectorWriter(VectorWriter):
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
 
-    def _write(self, ids: Sequence[RowId] | pa.Array, vectors: Matrix) -> None:
+    def _write(self, ids: Sequence[RowId] | pa.Array, vectors: AnyMatrix) -> None:
         id_array = ids if isinstance(ids, pa.Array) else pa.array(ids, type=self.id_type)
         batch = pa.RecordBatch.from_arrays(
             [id_array.cast(self.id_type), vectors_to_arrow(vectors)], schema=self.schema
@@ -451,19 +464,27 @@ class ParquetVectorWriter(VectorWriter):
 
 
 class NpyVectorWriter(VectorWriter):
-    """A float32 ``.npy`` matrix: the header is written for the final shape, then raw rows."""
+    """An ``.npy`` matrix of the writer's dtype (little-endian): the header is written for the
+    final shape, then raw rows."""
 
-    def __init__(self, path: Path, dims: int, id_type: pa.DataType, rows: int) -> None:
-        super().__init__(path, dims, id_type)
+    def __init__(
+        self,
+        path: Path,
+        dims: int,
+        id_type: pa.DataType,
+        rows: int,
+        dtype: npt.DTypeLike = np.float32,
+    ) -> None:
+        super().__init__(path, dims, id_type, np.dtype(dtype).newbyteorder("<"))
         self._expected = rows
         self._file = path.open("wb")
-        header = {"descr": "<f4", "fortran_order": False, "shape": (rows, dims)}
+        header = {"descr": self.dtype.str, "fortran_order": False, "shape": (rows, dims)}
         np.lib.format.write_array_header_1_0(self._file, header)
 
-    def _write(self, ids: Sequence[RowId] | pa.Array, vectors: Matrix) -> None:
+    def _write(self, ids: Sequence[RowId] | pa.Array, vectors: AnyMatrix) -> None:
         if self.rows + len(vectors) > self._expected:
             raise ValueError(f"more than the {self._expected} rows announced")
-        self._file.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+        self._file.write(np.ascontiguousarray(vectors).tobytes())
 
     def close(self) -> None:
         self._file.close()
@@ -474,15 +495,19 @@ class NpyVectorWriter(VectorWriter):
 class JsonlVectorWriter(VectorWriter):
     """``{"id": ..., "embedding": [...]}`` per line (gzip when the name ends in ``.gz``)."""
 
-    def __init__(self, path: Path, dims: int, id_type: pa.DataType) -> None:
-        super().__init__(path, dims, id_type)
+    def __init__(
+        self, path: Path, dims: int, id_type: pa.DataType, dtype: npt.DTypeLike = np.float32
+    ) -> None:
+        super().__init__(path, dims, id_type, dtype)
         # Closed by close(), like every writer here.
         self._file: io.BufferedIOBase = (
             gzip.GzipFile(path, "wb", compresslevel=6) if _is_gzip(path) else path.open("wb")
         )
 
-    def _write(self, ids: Sequence[RowId] | pa.Array, vectors: Matrix) -> None:
+    def _write(self, ids: Sequence[RowId] | pa.Array, vectors: AnyMatrix) -> None:
         id_list = ids.to_pylist() if isinstance(ids, pa.Array) else ids
+        if vectors.dtype == np.float16:  # orjson has no float16: the same values as float32
+            vectors = vectors.astype(np.float32)
         option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
         self._file.write(
             b"".join(
@@ -503,11 +528,13 @@ def open_writer(
     id_type: pa.DataType,
     rows: int,
     metadata: dict[str, str] | None = None,
+    dtype: npt.DTypeLike = np.float32,
 ) -> VectorWriter:
     """A writer of ``fmt``; ``rows`` is the exact count that will be written (the ``.npy``
-    header needs it); ``metadata`` goes into a Parquet file's schema."""
+    header needs it); ``metadata`` goes into a Parquet file's schema; ``dtype``: the values'
+    type (float32, or an output type's: float16, int8, uint8), stored natively."""
     if fmt == "parquet":
-        return ParquetVectorWriter(path, dims, id_type, metadata)
+        return ParquetVectorWriter(path, dims, id_type, metadata, dtype=dtype)
     if fmt == "npy":
-        return NpyVectorWriter(path, dims, id_type, rows)
-    return JsonlVectorWriter(path, dims, id_type)
+        return NpyVectorWriter(path, dims, id_type, rows, dtype)
+    return JsonlVectorWriter(path, dims, id_type, dtype)

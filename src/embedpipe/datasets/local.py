@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 from rich.console import Console
 
 from embedpipe.datasets.formats import (
     BadRow,
+    Matrix,
     OutputFormat,
     Row,
     RowReader,
@@ -46,6 +48,7 @@ from embedpipe.datasets.workdir import WorkDir, file_identity, fsync_dir
 from embedpipe.embedders import parse_model_specs
 from embedpipe.errors import DatasetError
 from embedpipe.operations.model_inputs import InputOptions, model_inputs
+from embedpipe.quantization import EmbeddingType, check_output_type, output_layout, served_as
 from embedpipe.service import EmbeddingService, EmbedResult
 from embedpipe.settings import LimitsSettings, Settings
 
@@ -73,6 +76,8 @@ class EmbedJob:
     on_error: OnError = "fail"
     # As on /v1/embeddings: the model's prompt for this kind of text, and long texts.
     request: RequestOptions = field(default_factory=RequestOptions)
+    # Applied when the output is assembled: the parts stay float32.
+    embedding_type: EmbeddingType = "float32"
 
     @property
     def work_dir(self) -> Path:
@@ -140,6 +145,8 @@ async def run_embed_job(
     model = service.resolve_model(job.model)
     embedder = service.models.get(model)
     dims = embedder.info.dimensions
+    calibration = service.calibration(model)
+    check_output_type(job.embedding_type, dims, calibration, param="--embedding-type")
     # An unknown input type fails before any work.
     request = job.request
     inputs = InputOptions(
@@ -153,6 +160,8 @@ async def run_embed_job(
         "id_field": job.id_field,
         "chunk_size": job.chunk_size,
         "on_error": job.on_error,
+        # Only when asked: the float32 job keys of earlier runs stay valid.
+        **({"embedding_type": job.embedding_type} if job.embedding_type != "float32" else {}),
     }
     identity = {"version": MANIFEST_VERSION, "input": file_identity(job.input), **options}
     request_limits = limits or LimitsSettings()
@@ -199,9 +208,17 @@ async def run_embed_job(
             )
             id_type = reader.id_type
 
-        metadata = {"embedpipe.model": model, "embedpipe.model_fingerprint": embedder.fingerprint}
+        metadata = {
+            "embedpipe.model": model,
+            "embedpipe.model_fingerprint": embedder.fingerprint,
+            "embedpipe.embedding_type": job.embedding_type,
+        }
+
+        def shape(vectors: Matrix) -> npt.NDArray[Any]:
+            return served_as(model, vectors, job.embedding_type, calibration)
+
         rows, skipped = await asyncio.to_thread(
-            _assemble, work, job, n_chunks, dims, id_type, metadata
+            _assemble, work, job, n_chunks, dims, id_type, metadata, shape
         )
         output = file_identity(job.output)
         work.write_manifest(
@@ -342,8 +359,10 @@ def _assemble(
     dims: int,
     id_type: pa.DataType,
     metadata: dict[str, str],
+    shape: Callable[[Matrix], npt.NDArray[Any]],
 ) -> tuple[int, int]:
-    """Concatenate parts 0..n-1 into the output (written aside, then renamed into place)."""
+    """Concatenate parts 0..n-1 into the output (written aside, then renamed into place),
+    each part's vectors made the job's output type by ``shape``."""
     missing = set(range(n_chunks)) - work.committed()
     if missing:
         raise DatasetError(f"internal error: chunks {sorted(missing)[:5]} were never committed")
@@ -351,12 +370,13 @@ def _assemble(
     rows = sum(count for count, _ in counts)
     skipped = sum(bad for _, bad in counts)
     tmp = work.path / f"assembling-{job.output.name}"
+    width, dtype = output_layout(job.embedding_type, dims)
     with open_writer(
-        tmp, job.format, dims=dims, id_type=id_type, rows=rows, metadata=metadata
+        tmp, job.format, dims=width, id_type=id_type, rows=rows, metadata=metadata, dtype=dtype
     ) as writer:
         for index in range(n_chunks):
             ids, vectors, _ = work.read_part(index)
-            writer.write(ids, vectors)
+            writer.write(ids, shape(vectors))
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, job.output)
@@ -392,6 +412,7 @@ async def embed_file(
     console: Console,
     quiet: bool,
     request: RequestOptions | None = None,
+    embedding_type: EmbeddingType = "float32",
 ) -> JobReport:
     """Open the process's runtime (model, cache, batcher), run one job, close it."""
     from embedpipe.runtime import Runtime
@@ -408,6 +429,7 @@ async def embed_file(
             chunk_size=chunk_size,
             on_error=on_error,
             request=request or RequestOptions(),
+            embedding_type=embedding_type,
         )
         warned = 0
 

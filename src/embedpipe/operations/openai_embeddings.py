@@ -24,9 +24,17 @@ from embedpipe.embedders.prompts import InputType
 from embedpipe.embedders.tokens import LongText, Truncation
 from embedpipe.inputs import TokenDecoder, normalize_input
 from embedpipe.operations.model_inputs import InputOptions, ModelInputs, model_inputs
+from embedpipe.quantization import (
+    Calibration,
+    EmbeddingType,
+    check_output_type,
+    json_ready,
+    served_as,
+    to_base64_of_type,
+)
 from embedpipe.service import EmbeddingService, EmbedResult
 from embedpipe.settings import LimitsSettings
-from embedpipe.vectors import check_dimensions, to_base64, truncate
+from embedpipe.vectors import check_dimensions, truncate
 
 
 class EmbeddingRequest(BaseModel):
@@ -71,6 +79,13 @@ class EmbeddingRequest(BaseModel):
         description='"mean": an input longer than the window is embedded as the token-weighted '
         "mean of its windows.",
     )
+    embedding_type: EmbeddingType = Field(
+        "float32",
+        description="The vectors' type, applied after `dimensions`: float32, float16, int8 and "
+        "uint8 (per-dimension buckets fixed per model), binary and ubinary (sign bits packed "
+        "8 to a byte, as signed or unsigned bytes). `float` encoding gives JSON numbers, "
+        "`base64` the raw bytes of the type.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +94,8 @@ class PreparedRequest:
     texts: list[str]
     dimensions: int | None
     encoding_format: str
+    embedding_type: EmbeddingType = "float32"
+    calibration: Calibration | None = None
     options: InputOptions = field(default_factory=InputOptions)
 
 
@@ -99,8 +116,23 @@ def prepare(
         long_text=request.long_text,
     )
     dimensions = check_dimensions(request.dimensions, served.info.dimensions)
+    calibration = service.calibration(model)
+    check_output_type(
+        request.embedding_type,
+        dimensions or served.info.dimensions,
+        calibration,
+        dimensions_param="dimensions" if dimensions else None,
+    )
     texts = normalize_input(request.input, limits, decoder)
-    return PreparedRequest(model, texts, dimensions, request.encoding_format, options)
+    return PreparedRequest(
+        model,
+        texts,
+        dimensions,
+        request.encoding_format,
+        request.embedding_type,
+        calibration,
+        options,
+    )
 
 
 async def prepare_inputs(
@@ -130,16 +162,30 @@ async def embed_inputs(
     return inputs.combine(result)
 
 
+def output_vectors(
+    prepared: PreparedRequest, result: EmbedResult, embedding_type: EmbeddingType
+) -> Any:
+    """The result's vectors cut to ``dimensions`` (renormalised), then made ``embedding_type``:
+    always in that order, so int8 buckets and sign bits are those of the vector served."""
+    vectors = truncate(result.vectors, prepared.dimensions)
+    return served_as(result.model, vectors, embedding_type, prepared.calibration)
+
+
 def respond(prepared: PreparedRequest, result: EmbedResult) -> dict[str, Any]:
     """The response body (float vectors stay float32 arrays: serialise with orjson's numpy
     option)."""
-    vectors = truncate(result.vectors, prepared.dimensions)
-    encode = to_base64 if prepared.encoding_format == "base64" else _as_is
+    embedding_type = prepared.embedding_type
+    vectors = output_vectors(prepared, result, embedding_type)
+    embeddings: list[Any]
+    if prepared.encoding_format == "base64":
+        embeddings = [to_base64_of_type(vector, embedding_type) for vector in vectors]
+    else:
+        embeddings = [json_ready(vector) for vector in vectors]
     return {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": index, "embedding": encode(vector)}
-            for index, vector in enumerate(vectors)
+            {"object": "embedding", "index": index, "embedding": embedding}
+            for index, embedding in enumerate(embeddings)
         ],
         "model": result.model,
         "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
@@ -155,7 +201,3 @@ async def create_embeddings(
     prepared = prepare(service, decoder, limits, request)
     inputs = await prepare_inputs(service, limits, prepared)
     return respond(prepared, await embed_inputs(service, prepared, inputs))
-
-
-def _as_is(vector: Any) -> Any:
-    return vector

@@ -1,0 +1,51 @@
+"""The steps every embeddings route runs, in one order: ``/v1/embeddings`` and Cohere's
+``/v2/embed`` (which reads its own body, then asks through an ``EmbeddingRequest``)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from embedpipe.api.deps import off_loop_if_big, unless_disconnected
+from embedpipe.api.security import Admission, charge_tokens
+from embedpipe.operations.openai_embeddings import (
+    EmbeddingRequest,
+    PreparedRequest,
+    embed_inputs,
+    prepare,
+    prepare_inputs,
+)
+from embedpipe.runtime import Runtime
+from embedpipe.service import EmbedResult
+
+
+async def embed_request(
+    request: Request,
+    runtime: Runtime,
+    admission: Admission,
+    body: EmbeddingRequest,
+    *,
+    param: str = "input",
+) -> tuple[PreparedRequest, EmbedResult, dict[str, str]]:
+    """Validate, cut, count, charge and embed ``body`` (admitted already): the prepared
+    request, the vectors and the ``x-ratelimit-*`` headers. ``param``: the field holding the
+    texts, named in a 400."""
+    limits = runtime.settings.limits
+    service = runtime.service
+    prepared = await off_loop_if_big(request, prepare, service, runtime.token_decoder, limits, body)
+    # Cut at the window (or into windows) before anything tokenizes a whole long text, then
+    # counted once: the token budget is charged what `usage` reports, before any model work.
+    inputs = await prepare_inputs(service, limits, prepared)
+    limit_headers = await charge_tokens(admission, runtime, inputs.total_tokens, param=param)
+    # From L1 without a task; only work that may wait is watched for a client going away.
+    result = service.embed_from_memory(
+        prepared.model,
+        inputs.texts,
+        inputs.tokens,
+        dimensions=prepared.dimensions,
+        form=inputs.form,
+    )
+    if result is None:
+        result = await unless_disconnected(request, embed_inputs(service, prepared, inputs))
+    else:
+        result = inputs.combine(result)
+    return prepared, result, limit_headers
