@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from embedpipe import metrics
 from embedpipe.batcher import Batcher, MicroBatcher
 from embedpipe.cache import TieredCache, open_cache
-from embedpipe.embedders import ModelRegistry, configure_threads, load_embedder, parse_model_specs
+from embedpipe.embedders import (
+    ModelInfo,
+    ModelRegistry,
+    configure_threads,
+    load_embedder,
+    parse_model_specs,
+)
+from embedpipe.embedders.pairs import pair_text
 from embedpipe.inputs import TokenDecoder
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.service import EmbeddingService
@@ -75,7 +82,7 @@ class Runtime:
                     embedder = await asyncio.to_thread(load_embedder, spec, settings)
                     # Warm up: the first call allocates and is several times slower than the
                     # rest.
-                    await asyncio.to_thread(embedder.embed, ["warm up the model", "a second text"])
+                    await asyncio.to_thread(embedder.embed, _warm_up_inputs(embedder.info))
                     registry.add(spec, embedder)
                     batcher = MicroBatcher(embedder, settings.batching)
                     stack.push_async_callback(batcher.stop)
@@ -122,5 +129,20 @@ class Runtime:
         await self.resources.aclose()
 
     @property
+    def default_reranker(self) -> str:
+        """The model of a rerank request that names none (TEI's ``/rerank``): the first
+        cross-encoder served, else the default model (by cosine)."""
+        rerankers = (
+            model.info.name for model in self.service.models if model.info.task == "rerank"
+        )
+        return next(rerankers, self.default_model)
+
+    @property
     def uptime_seconds(self) -> float:
         return time.time() - self.started_at
+
+
+def _warm_up_inputs(info: ModelInfo) -> list[str]:
+    if info.task == "rerank":  # a cross-encoder's inputs are (query, document) pairs
+        return [pair_text("warm up", "the model"), pair_text("a second", "pair")]
+    return ["warm up the model", "a second text"]

@@ -74,8 +74,12 @@ class EmbeddingService:
     def queue_depth(self) -> dict[str, int]:
         return {name: batcher.queue_depth for name, batcher in self._batchers.items()}
 
-    def resolve_model(self, name: str) -> str:
-        return self._models.resolve(name)
+    def resolve_model(self, name: str, route: str | None = None) -> str:
+        """The canonical name (ModelNotFound otherwise); with ``route``, InvalidInput when the
+        model does not serve that route (a cross-encoder serves no embeddings)."""
+        if route is None:
+            return self._models.resolve(name)
+        return self._models.resolve_for(name, route)
 
     async def clip(self, model: str, texts: Sequence[str]) -> list[str]:
         """The texts cut where the model's window ends (same tokens, same vectors): call it

@@ -70,6 +70,8 @@ class LimitsSettings(BaseModel):
     # tokens (OpenAI allows 300k per request). It also bounds the JSON values of a body,
     # checked before it is parsed: parsing holds the GIL (0.3 s for 2M token ids here).
     max_request_chars: int = Field(1_000_000, ge=1)
+    # Documents of one rerank request (Cohere allows 1,000).
+    max_rerank_documents: int = Field(1000, ge=1)
 
 
 class HttpSettings(BaseModel):
@@ -227,7 +229,8 @@ class Settings(BaseSettings):
     # Exports live under <data_dir>/onnx/.
     onnx_quantize: Literal["none", "int8"] = "none"
     # More models served beside it: ``name=source`` or ``name=backend:source`` pairs,
-    # comma-separated (``small=openai:text-embedding-3-small``).
+    # comma-separated (``small=openai:text-embedding-3-small``, a cross-encoder directory:
+    # ``ranker=cross-encoder:/models/ranker``).
     extra_models: str = ""
     # Intra-op threads per model; 0 = the cores this process may really use.
     model_threads: int = Field(0, ge=0)

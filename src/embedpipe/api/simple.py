@@ -47,7 +47,7 @@ async def embed_one(
     limits = runtime.settings.limits
     body = await json_body(request, EmbedRequest, max_values=max_json_values(limits), param="text")
     check_text(body.text, None, limits, param="text")
-    model = body.model or runtime.default_model
+    model = runtime.service.resolve_model(body.model or runtime.default_model, route="/embed")
     texts = await runtime.service.clip(model, [body.text])
     tokens = await runtime.service.count_tokens(model, texts)
     limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="text")
@@ -85,7 +85,7 @@ async def embed_batch(
     check_sizes(body.texts, limits, param="texts")
     for index, text in enumerate(body.texts):
         check_text(text, index, limits, param="texts")
-    model = body.model or runtime.default_model
+    model = runtime.service.resolve_model(body.model or runtime.default_model, route="/embed/batch")
     texts = await runtime.service.clip(model, body.texts)
     tokens = await runtime.service.count_tokens(model, texts)
     limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="texts")

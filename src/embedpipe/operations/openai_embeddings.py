@@ -55,7 +55,7 @@ def prepare(
 ) -> PreparedRequest:
     """Validate the request: the served model, ``dimensions`` and the texts (InvalidInput or
     ModelNotFound otherwise)."""
-    model = service.resolve_model(request.model)
+    model = service.resolve_model(request.model, route="/v1/embeddings")
     dimensions = check_dimensions(request.dimensions, service.models.get(model).info.dimensions)
     texts = normalize_input(request.input, limits, decoder)
     return PreparedRequest(model, texts, dimensions, request.encoding_format)
