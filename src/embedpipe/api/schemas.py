@@ -114,5 +114,12 @@ class ErrorDetail(BaseModel):
     code: str | None
 
 
+class CohereErrorBody(BaseModel):
+    """Errors on Cohere's routes (``/v1/rerank``, ``/v2/rerank``, ``/v2/embed``)."""
+
+    id: str
+    message: str
+
+
 class ErrorBody(BaseModel):
     error: ErrorDetail

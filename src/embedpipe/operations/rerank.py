@@ -41,7 +41,10 @@ class RerankRequest(BaseModel):
         examples=[["Paris is the capital of France.", "Berlin is in Germany."]],
     )
     top_n: int | None = Field(None, strict=True, description="Return the best N only.")
-    return_documents: bool = Field(False, description="Echo each document in its result.")
+    # Strict: a JSON 0 or "yes" is a client's mistake, not a boolean.
+    return_documents: bool = Field(
+        False, strict=True, description="Echo each document in its result."
+    )
     max_tokens_per_doc: int | None = Field(
         None, strict=True, description="Accepted; documents are cut at the model's window."
     )
@@ -56,8 +59,10 @@ class TeiRerankRequest(BaseModel):
     model: str | None = None
     query: Any = Field(examples=["What is Deep Learning?"])
     texts: Any = Field(examples=[["Deep Learning is not...", "Deep learning is..."]])
-    raw_scores: bool = Field(False, description="The logits, without the model's activation.")
-    return_text: bool = False
+    raw_scores: bool = Field(
+        False, strict=True, description="The logits, without the model's activation."
+    )
+    return_text: bool = Field(False, strict=True)
     # TEI's other fields (truncate, truncation_direction) are accepted: texts are always cut
     # at the model's window, as the reference library cuts them.
 
