@@ -27,6 +27,7 @@ from embedpipe.embedders import (
     parse_model_specs,
 )
 from embedpipe.embedders.pairs import pair_text
+from embedpipe.embedders.registry import rerank_method
 from embedpipe.inputs import TokenDecoder
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.service import EmbeddingService
@@ -98,6 +99,7 @@ class Runtime:
             service = EmbeddingService(registry, batchers, cache, cache_settings)
             metrics.start_at_zero(
                 models=[(embedder.info.name, embedder.info.upstream) for embedder in registry],
+                rerank_methods=[(model.info.name, rerank_method(model.info)) for model in registry],
                 tiers=[cache.l2.name] if cache.l2 is not None else [],
             )
             # What is loaded now (torch, transformers, the models: ~500k objects) lives as long

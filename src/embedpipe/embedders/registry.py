@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from embedpipe.embedders.base import Embedder, ServedModel, Task
+from embedpipe.embedders.base import Embedder, ModelInfo, ServedModel, Task
 from embedpipe.errors import InvalidInput, ModelNotFound
 from embedpipe.settings import Settings
 
@@ -41,6 +41,11 @@ class ModelSpec:
     source: str
     aliases: tuple[str, ...] = ()
     backend: Backend = "torch"
+
+
+def rerank_method(info: ModelInfo) -> str:
+    """How a model ranks documents: a cross-encoder scores pairs, others compare vectors."""
+    return "cross-encoder" if info.task == "rerank" else "cosine"
 
 
 def parse_model_specs(

@@ -18,8 +18,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from embedpipe import metrics
 from embedpipe.embedders.cross_encoder import CrossEncoderScorer
 from embedpipe.embedders.pairs import pair_text
+from embedpipe.embedders.registry import rerank_method
 from embedpipe.errors import InvalidInput
 from embedpipe.inputs import check_sizes, check_text
 from embedpipe.service import EmbeddingService, EmbedResult
@@ -176,6 +178,8 @@ def rank(
     else:
         # The vectors are L2-normalised: the dot product is the cosine.
         scores = result.vectors[1:] @ result.vectors[0]
+    method = rerank_method(service.models.get(prepared.model).info)
+    metrics.RERANK_DOCUMENTS.labels(model=prepared.model, method=method).inc(len(scores))
     order = sorted(range(len(scores)), key=lambda position: -float(scores[position]))
     if prepared.top_n is not None:
         order = order[: prepared.top_n]
