@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from typing import Any
 
 import httpx
@@ -247,3 +248,45 @@ def test_models_say_what_each_model_serves(rerank_server: ServerProcess) -> None
     assert "/v1/embeddings" not in by_id[CROSS_ENCODER]["endpoints"]
     assert by_id[MODEL]["capabilities"] == ["embeddings", "rerank"]
     assert {"/v1/embeddings", "/v1/rerank"} <= set(by_id[MODEL]["endpoints"])
+
+
+def test_batch_lines_rerank_like_the_route(
+    rerank_server: ServerProcess, reference_cross_encoder: Any
+) -> None:
+    from openai import OpenAI
+
+    from tests.integration.batch_helpers import read_lines, wait_for
+
+    lines = [
+        {"custom_id": f"q-{n}", "method": "POST", "url": "/v1/rerank", "body": body}
+        for n, body in enumerate(
+            [
+                {"model": CROSS_ENCODER, "query": QUERY, "documents": DOCUMENTS, "top_n": 2},
+                {"model": MODEL, "query": QUERY, "documents": DOCUMENTS[:3]},
+                {"model": CROSS_ENCODER, "query": "", "documents": DOCUMENTS},
+            ]
+        )
+    ]
+    content = "\n".join(json.dumps(line) for line in lines).encode()
+    with OpenAI(base_url=f"{rerank_server.url}/v1", api_key="unused", max_retries=0) as client:
+        upload = client.files.create(file=("rerank.jsonl", content), purpose="batch")
+        # The SDK's endpoint type lists OpenAI's endpoints only: the request is the same.
+        created = httpx.post(
+            f"{rerank_server.url}/v1/batches",
+            json={"input_file_id": upload.id, "endpoint": "/v1/rerank", "completion_window": "24h"},
+            timeout=30,
+        )
+        assert created.status_code == 200, created.text
+        assert created.json()["endpoint"] == "/v1/rerank"
+        done = wait_for(client, created.json()["id"], ("completed", "failed"), timeout=180)
+        assert done.status == "completed", done
+        output = {line["custom_id"]: line for line in read_lines(client, done.output_file_id)}
+        errors = read_lines(client, done.error_file_id)
+    want = _predict(reference_cross_encoder, QUERY, DOCUMENTS)
+    results = output["q-0"]["response"]["body"]["results"]
+    assert [item["index"] for item in results] == np.argsort(-want, kind="stable")[:2].tolist()
+    for item in results:
+        assert abs(item["relevance_score"] - want[item["index"]]) <= 1e-5
+    assert len(output["q-1"]["response"]["body"]["results"]) == 3
+    assert [line["custom_id"] for line in errors] == ["q-2"]
+    assert errors[0]["response"]["status_code"] == 400

@@ -5,8 +5,8 @@ Both kinds go through the EmbeddingService, so both are cached and batched like 
 a cross-encoder's inputs are (query, document) pairs (``embedders/pairs.py``) whose cached
 value is the pair's logit; an embedding model's inputs are the query and the documents, whose
 vectors are the very cache entries ``/v1/embeddings`` writes. The routes run the steps
-themselves (``prepare``, their token charge, ``score``); batch lines call
-:func:`create_rerank`.
+themselves (``prepare``, their token charge, ``rank``), and so do batch lines
+(``batches/wiring.py``, which charges the batch budget).
 """
 
 from __future__ import annotations
@@ -220,21 +220,3 @@ def tei_body(
             item["text"] = prepared.documents[index]
         answer.append(item)
     return answer
-
-
-async def create_rerank(
-    service: EmbeddingService, limits: LimitsSettings, request: RerankRequest, *, route: str
-) -> dict[str, Any]:
-    """A whole Cohere/Jina rerank, for batch lines."""
-    prepared = prepare(
-        service,
-        limits,
-        model=request.model,
-        route=route,
-        query=request.query,
-        documents=request.documents,
-        top_n=request.top_n,
-    )
-    result = await service.embed(prepared.model, prepared.inputs)
-    ranked = rank(service, prepared, result, raw=False)
-    return cohere_body(prepared, ranked, return_documents=request.return_documents)
