@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -290,3 +294,36 @@ def test_batch_lines_rerank_like_the_route(
     assert len(output["q-1"]["response"]["body"]["results"]) == 3
     assert [line["custom_id"] for line in errors] == ["q-2"]
     assert errors[0]["response"]["status_code"] == 400
+
+
+def test_the_cli_prints_the_ranking(
+    tmp_path: Path, cross_encoder_dir: Path, reference_cross_encoder: Any
+) -> None:
+    documents = DOCUMENTS[:4]
+    (tmp_path / "docs.txt").write_text("\n".join(documents) + "\n\n", encoding="utf-8")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "EMBEDPIPE_DATA_DIR": str(tmp_path / "data"),
+        "EMBEDPIPE_MODEL_THREADS": "1",
+        "EMBEDPIPE_REDIS_URL": "",
+        "EMBEDPIPE_EXTRA_MODELS": f"{CROSS_ENCODER}=cross-encoder:{cross_encoder_dir}",
+        "COLUMNS": "400",
+    }
+    command = [sys.executable, "-m", "embedpipe", "rerank", QUERY, "docs.txt", "--top-n", "3"]
+    result = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    want = _predict(reference_cross_encoder, QUERY, documents)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    printed = [[cell.strip() for cell in row.strip("│").split("│")] for row in rows]
+    assert [int(row[1]) - 1 for row in printed] == np.argsort(-want, kind="stable")[:3].tolist()
+    for row in printed:
+        assert abs(float(row[2]) - want[int(row[1]) - 1]) <= 1e-4
+        assert row[3] == documents[int(row[1]) - 1]
+
+    empty = subprocess.run(
+        [*command[:4], "", "docs.txt"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert empty.returncode == 2 and "'query' must not be empty" in empty.stderr
