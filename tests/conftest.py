@@ -86,3 +86,11 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 def namespace() -> str:
     """A key namespace no other test (or run) uses."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved ``CrossEncoder`` on the bundled MiniLM weights with a seeded head."""
+    from tests.cross_encoder import build_cross_encoder
+
+    return build_cross_encoder(tmp_path_factory.mktemp("cross-encoder") / "ranker")

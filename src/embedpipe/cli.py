@@ -136,6 +136,63 @@ def models() -> None:
     console.print(table)
 
 
+@app.command()
+def rerank(
+    query: Annotated[str, typer.Argument(help="The query the documents are ranked for.")],
+    documents_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="A text file, one document a line (blank lines skipped).",
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(help="A served model. Default: the first cross-encoder, else the model."),
+    ] = None,
+    top_n: Annotated[int | None, typer.Option(help="Show the best N only.")] = None,
+) -> None:
+    """Rank FILE's lines by relevance to QUERY, in process (loads the configured models)."""
+    from embedpipe.errors import EmbedpipeError
+    from embedpipe.operations.rerank import prepare, rank
+    from embedpipe.runtime import Runtime
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    lines = documents_path.read_text(encoding="utf-8").splitlines()
+    documents = [line for line in lines if line.strip()]
+
+    async def run() -> None:
+        settings = _settings()
+        runtime = await Runtime.open(settings)
+        try:
+            prepared = prepare(
+                runtime.service,
+                settings.limits,
+                model=model or runtime.default_reranker,
+                route="/v1/rerank",
+                query=query,
+                documents=documents,
+                top_n=top_n,
+            )
+            result = await runtime.service.embed(prepared.model, prepared.inputs)
+            ranked = rank(runtime.service, prepared, result, raw=False)
+        finally:
+            await runtime.close()
+        table = Table("rank", "doc", "score", "document", title=f"{ranked.model}: {query}")
+        for place, (index, score) in enumerate(zip(ranked.order, ranked.scores, strict=True)):
+            table.add_row(str(place + 1), str(index + 1), f"{score:.4f}", documents[index])
+        console.print(table)
+
+    try:
+        asyncio.run(run())
+    except EmbedpipeError as error:
+        Console(stderr=True).print(f"[red]error:[/red] {error.message}")
+        raise typer.Exit(2) from None
+
+
 @cache_app.command("stats")
 def cache_stats() -> None:
     """Entries and hit counters of the cache this configuration uses."""

@@ -67,6 +67,13 @@ EMBEDDING_OUTPUTS = Counter(
     "and base64 count as float32): one per text and asked type.",
     ["model", "type"],
 )
+RERANK_DOCUMENTS = Counter(
+    "embedpipe_rerank_documents",
+    "Documents ranked, by model and method: cross-encoder (each pair scored, cached like an "
+    "embedding under embedpipe_embeddings_total's sources) or cosine (an embedding model's "
+    "vectors).",
+    ["model", "method"],
+)
 CACHE_ERRORS = Counter(
     "embedpipe_cache_errors",
     "Cache operations that failed or were skipped by an open circuit breaker.",
@@ -212,12 +219,14 @@ JOB_ITEM_STATUSES = ("succeeded", "failed", "expired")
 def start_at_zero(
     *,
     models: Iterable[tuple[str, bool]] = (),
+    rerank_methods: Iterable[tuple[str, str]] = (),
     tiers: Iterable[str] = (),
     limits: Iterable[str] = (),
     jobs: bool = False,
 ) -> None:
     """Create the series of what this process serves, at 0: ``models`` as (name, is it an
-    upstream model), the cache ``tiers`` configured, the rate ``limits`` in force (requests,
+    upstream model), each model's ``rerank_methods`` as (name, cross-encoder | cosine), the
+    cache ``tiers`` configured, the rate ``limits`` in force (requests,
     tokens), and, with ``jobs``, the batch job statuses."""
     for name, upstream in models:
         for source in SOURCES:
@@ -238,6 +247,8 @@ def start_at_zero(
                 UPSTREAM_BREAKER_OPEN,
             ):
                 upstream_family.labels(model=name)
+    for name, method in rerank_methods:
+        RERANK_DOCUMENTS.labels(model=name, method=method)
     for tier in tiers:
         CACHE_ERRORS.labels(tier=tier)
         CACHE_BREAKER_OPEN.labels(tier=tier)

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from embedpipe import metrics
 from embedpipe.batcher import Batcher, MicroBatcher
 from embedpipe.cache import TieredCache, open_cache
-from embedpipe.embedders import ModelRegistry, configure_threads, load_embedder, parse_model_specs
+from embedpipe.embedders import (
+    ModelInfo,
+    ModelRegistry,
+    configure_threads,
+    load_embedder,
+    parse_model_specs,
+)
+from embedpipe.embedders.pairs import pair_text
+from embedpipe.embedders.registry import rerank_method
 from embedpipe.inputs import TokenDecoder
 from embedpipe.quantization import Calibration, load_calibration
 from embedpipe.ratelimit import RateLimiter
@@ -77,7 +85,7 @@ class Runtime:
                     embedder = await asyncio.to_thread(load_embedder, spec, settings)
                     # Warm up: the first call allocates and is several times slower than the
                     # rest.
-                    await asyncio.to_thread(embedder.embed, ["warm up the model", "a second text"])
+                    await asyncio.to_thread(embedder.embed, _warm_up_inputs(embedder.info))
                     # Before the batcher starts: one inference at a time, in a fixed order.
                     calibrations[spec.name] = await asyncio.to_thread(
                         load_calibration, embedder, settings.data_dir
@@ -97,6 +105,7 @@ class Runtime:
             service = EmbeddingService(registry, batchers, cache, cache_settings, calibrations)
             metrics.start_at_zero(
                 models=[(embedder.info.name, embedder.info.upstream) for embedder in registry],
+                rerank_methods=[(model.info.name, rerank_method(model.info)) for model in registry],
                 tiers=[cache.l2.name] if cache.l2 is not None else [],
             )
             # What is loaded now (torch, transformers, the models: ~500k objects) lives as long
@@ -128,5 +137,20 @@ class Runtime:
         await self.resources.aclose()
 
     @property
+    def default_reranker(self) -> str:
+        """The model of a rerank request that names none (TEI's ``/rerank``): the first
+        cross-encoder served, else the default model (by cosine)."""
+        rerankers = (
+            model.info.name for model in self.service.models if model.info.task == "rerank"
+        )
+        return next(rerankers, self.default_model)
+
+    @property
     def uptime_seconds(self) -> float:
         return time.time() - self.started_at
+
+
+def _warm_up_inputs(info: ModelInfo) -> list[str]:
+    if info.task == "rerank":  # a cross-encoder's inputs are (query, document) pairs
+        return [pair_text("warm up", "the model"), pair_text("a second", "pair")]
+    return ["warm up the model", "a second text"]

@@ -80,8 +80,12 @@ class EmbeddingService:
     def queue_depth(self) -> dict[str, int]:
         return {name: batcher.queue_depth for name, batcher in self._batchers.items()}
 
-    def resolve_model(self, name: str) -> str:
-        return self._models.resolve(name)
+    def resolve_model(self, name: str, route: str | None = None) -> str:
+        """The canonical name (ModelNotFound otherwise); with ``route``, InvalidInput when the
+        model does not serve that route (a cross-encoder serves no embeddings)."""
+        if route is None:
+            return self._models.resolve(name)
+        return self._models.resolve_for(name, route)
 
     def calibration(self, model: str) -> Calibration | None:
         """The model's int8/uint8 calibration; None for a model without one."""

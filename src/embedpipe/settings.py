@@ -73,6 +73,8 @@ class LimitsSettings(BaseModel):
     # Tokens one input may hold with ``long_text: "mean"`` (all its windows together): the
     # work one input may ask for. Beyond it: 400 on ``input``.
     max_input_tokens_long: int = Field(8192, ge=1)
+    # Documents of one rerank request (Cohere allows 1,000).
+    max_rerank_documents: int = Field(1000, ge=1)
 
 
 class ModelOptions(BaseModel):
@@ -246,7 +248,8 @@ class Settings(BaseSettings):
     # Exports live under <data_dir>/onnx/.
     onnx_quantize: Literal["none", "int8"] = "none"
     # More models served beside it: ``name=source`` or ``name=backend:source`` pairs,
-    # comma-separated (``small=openai:text-embedding-3-small``).
+    # comma-separated (``small=openai:text-embedding-3-small``, a cross-encoder directory:
+    # ``ranker=cross-encoder:/models/ranker``).
     extra_models: str = ""
     # Per served model (by its name): prompts, default prompt and long-text windows, as JSON:
     # ``{"e5": {"prompts": {"query": "query: ", "document": "passage: "}}}``.

@@ -17,6 +17,7 @@ from embedpipe.batches.store import JobStore
 from embedpipe.batches.store_redis import RedisJobStore
 from embedpipe.batches.store_sqlite import SqliteJobStore
 from embedpipe.embedders.registry import BUNDLED_SHA256
+from tests.cross_encoder import CROSS_ENCODER
 from tests.server_process import ServerProcess
 
 MODEL = "all-MiniLM-L6-v2"
@@ -64,6 +65,33 @@ def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def rerank_server(
+    tmp_path_factory: pytest.TempPathFactory, cross_encoder_dir: Path
+) -> Iterator[ServerProcess]:
+    """A server with the test cross-encoder beside the bundled model (embedded mode)."""
+    root = tmp_path_factory.mktemp("rerank")
+    server = ServerProcess(
+        {
+            "EMBEDPIPE_DATA_DIR": str(root / "data"),
+            "EMBEDPIPE_REDIS_URL": "",
+            "EMBEDPIPE_EXTRA_MODELS": f"{CROSS_ENCODER}=cross-encoder:{cross_encoder_dir}",
+        },
+        root / "server.log",
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference_cross_encoder(cross_encoder_dir: Path) -> Any:
+    """The raw CrossEncoder on the same directory, for comparison."""
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(cross_encoder_dir), device="cpu", local_files_only=True)
 
 
 @pytest.fixture(scope="session")

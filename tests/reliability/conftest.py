@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, settings
 
 from embedpipe.operations.openai_embeddings import EmbeddingRequest, create_embeddings
 from embedpipe.settings import Settings
+from tests.cross_encoder import CROSS_ENCODER
 from tests.fakes import fake_app
 from tests.server_process import ServerProcess
 
@@ -42,9 +43,9 @@ def keyed_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def keyed_server(keyed_data_dir: Path) -> Iterator[ServerProcess]:
-    """The embedded default with an API key, logging at debug level (so the log test sees
-    everything the server would ever write)."""
+def keyed_server(keyed_data_dir: Path, cross_encoder_dir: Path) -> Iterator[ServerProcess]:
+    """The embedded default with an API key and the test cross-encoder, logging at debug
+    level (so the log test sees everything the server would ever write)."""
     server = ServerProcess(
         {
             "EMBEDPIPE_DATA_DIR": str(keyed_data_dir),
@@ -52,6 +53,7 @@ def keyed_server(keyed_data_dir: Path) -> Iterator[ServerProcess]:
             "EMBEDPIPE_API_KEYS": API_KEY,
             "EMBEDPIPE_LOG_LEVEL": "debug",
             "EMBEDPIPE_JOBS__MAX_FILE_BYTES": str(MAX_FILE_BYTES),
+            "EMBEDPIPE_EXTRA_MODELS": f"{CROSS_ENCODER}=cross-encoder:{cross_encoder_dir}",
         },
         keyed_data_dir.parent / "server.log",
     )

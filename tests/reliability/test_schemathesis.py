@@ -28,6 +28,7 @@ from schemathesis.core.parameters import ParameterLocation
 from embedpipe.api.app import create_app
 from embedpipe.api.cohere_errors import COHERE_PATHS
 from embedpipe.settings import Settings
+from tests.cross_encoder import CROSS_ENCODER
 from tests.integration.conftest import MODEL
 from tests.reliability.conftest import API_KEY, AUTH, fuzz_settings
 from tests.server_process import ServerProcess
@@ -177,6 +178,15 @@ _VALID: dict[str, dict[str, Any]] = {
         "embedding_types": ["float", "int8", "ubinary"],
         "truncate": "END",
     },
+    "/v1/rerank": {
+        "model": CROSS_ENCODER,
+        "query": "a query",
+        "documents": ["one", {"text": "two"}],
+        "top_n": 1,
+        "return_documents": True,
+    },
+    "/v2/rerank": {"model": MODEL, "query": "a query", "documents": ["one", "two"]},
+    "/rerank": {"query": "a query", "texts": ["one", "two"], "return_text": True},
     "/v1/batches": {
         "input_file_id": _EXISTING_FILE,
         "endpoint": "/v1/embeddings",

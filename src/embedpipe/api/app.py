@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from embedpipe import __version__
-from embedpipe.api import cohere, files_batches, openai, ops, simple, tokenize
+from embedpipe.api import cohere, files_batches, openai, ops, rerank, simple, tokenize
 from embedpipe.api.cohere_errors import COHERE_PATHS, CohereErrorMiddleware
 from embedpipe.api.deps import ClientGone
 from embedpipe.api.docs import install_docs
@@ -79,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(simple.router)
     app.include_router(tokenize.router)
     app.include_router(cohere.router)
+    app.include_router(rerank.router)
     app.include_router(files_batches.router)
     app.include_router(ops.router)
     install_error_handlers(app)

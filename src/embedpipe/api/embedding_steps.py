@@ -31,7 +31,10 @@ async def embed_request(
     texts, named in a 400."""
     limits = runtime.settings.limits
     service = runtime.service
-    prepared = await off_loop_if_big(request, prepare, service, runtime.token_decoder, limits, body)
+    route = request.url.path  # a cross-encoder is refused, naming the routes it serves
+    prepared = await off_loop_if_big(
+        request, prepare, service, runtime.token_decoder, limits, body, route
+    )
     # Cut at the window (or into windows) before anything tokenizes a whole long text, then
     # counted once: the token budget is charged what `usage` reports, before any model work.
     inputs = await prepare_inputs(service, limits, prepared)

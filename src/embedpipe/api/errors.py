@@ -74,8 +74,10 @@ def _domain_error(_: Request, exc: Exception) -> Response:
 
 
 def _location(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(part) for part in loc if part not in ("body", "query", "path")]
-    return ".".join(parts) or None
+    # Only the leading part says where the field was (a body field may be named "query").
+    if loc and loc[0] in ("body", "query", "path"):
+        loc = loc[1:]
+    return ".".join(str(part) for part in loc) or None
 
 
 def _validation_error(_: Request, exc: Exception) -> Response:

@@ -11,6 +11,7 @@ from embedpipe.api.deps import body_schema, get_runtime, json_body, json_respons
 from embedpipe.api.embedding_steps import embed_request
 from embedpipe.api.schemas import EmbeddingResponse, ErrorBody, ModelList
 from embedpipe.api.security import admit_request
+from embedpipe.embedders.registry import ROUTES_OF_TASK
 from embedpipe.inputs import max_json_values
 from embedpipe.operations.openai_embeddings import EmbeddingRequest, respond
 from embedpipe.runtime import Runtime
@@ -40,10 +41,20 @@ async def create_embeddings(
     return json_response(respond(prepared, result), headers=limit_headers)
 
 
+_CAPABILITIES = {"embed": ["embeddings", "rerank"], "rerank": ["rerank"]}
+
+
 def _model_objects(runtime: Runtime) -> list[dict[str, object]]:
     created = int(runtime.started_at)
     return [
-        {"id": embedder.info.name, "object": "model", "created": created, "owned_by": "embedpipe"}
+        {
+            "id": embedder.info.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "embedpipe",
+            "capabilities": _CAPABILITIES[embedder.info.task],
+            "endpoints": list(ROUTES_OF_TASK[embedder.info.task]),
+        }
         for embedder in runtime.service.models
     ]
 

@@ -14,11 +14,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from embedpipe.api.schemas import ErrorBody
+from embedpipe.api.cohere_errors import COHERE_PATHS
+from embedpipe.api.schemas import CohereErrorBody, ErrorBody
 from embedpipe.api.security import OPEN_PATHS
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+# Cohere's routes answer every error in Cohere's shape (api/cohere_errors.py).
+_COHERE_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/CohereErrorBody"}}}
 _SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "Your API key."},
     "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -39,6 +42,7 @@ def correct(document: dict[str, Any], *, auth: bool) -> dict[str, Any]:
     for name, schema in error_schema.pop("$defs", {}).items():
         schemas.setdefault(name, schema)
     schemas.setdefault("ErrorBody", error_schema)
+    schemas.setdefault("CohereErrorBody", CohereErrorBody.model_json_schema())
     for path, item in document.get("paths", {}).items():
         for method, operation in item.items():
             if method not in _HTTP_METHODS:
@@ -53,6 +57,10 @@ def correct(document: dict[str, Any], *, auth: bool) -> dict[str, Any]:
             if auth and path not in OPEN_PATHS:
                 responses.setdefault("401", _error("A missing or unknown API key."))
                 operation["security"] = [{name: []} for name in _SECURITY_SCHEMES]
+            if path in COHERE_PATHS:
+                for status, response in responses.items():
+                    if status.startswith(("4", "5")):
+                        response["content"] = _COHERE_ERROR
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     if auth:

@@ -67,6 +67,52 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "embedpipe"
+    # Extensions beside OpenAI's fields: what the model computes and the routes serving it.
+    capabilities: list[Literal["embeddings", "rerank"]] = []
+    endpoints: list[str] = []
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankBilledUnits(BaseModel):
+    search_units: int
+
+
+class RerankApiVersion(BaseModel):
+    version: str
+
+
+class RerankMeta(BaseModel):
+    api_version: RerankApiVersion
+    billed_units: RerankBilledUnits
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    """Cohere's v2 rerank response, with Jina's ``model`` and ``usage``."""
+
+    id: str
+    results: list[RerankResult]
+    model: str
+    meta: RerankMeta
+    usage: RerankUsage
+
+
+class TeiRerankItem(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
 
 
 class ModelList(BaseModel):
@@ -79,6 +125,13 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None
     code: str | None
+
+
+class CohereErrorBody(BaseModel):
+    """Errors on Cohere's routes (``/v1/rerank``, ``/v2/rerank``, ``/v2/embed``)."""
+
+    id: str
+    message: str
 
 
 class ErrorBody(BaseModel):

@@ -51,7 +51,7 @@ async def embed_one(
     limits = runtime.settings.limits
     body = await json_body(request, EmbedRequest, max_values=max_json_values(limits), param="text")
     check_text(body.text, None, limits, param="text")
-    model = body.model or runtime.default_model
+    model = runtime.service.resolve_model(body.model or runtime.default_model, route="/embed")
     shape = output_shape(runtime.service, model, body.embedding_type)
     result, limit_headers = await _embed(
         request, runtime, admission, model, [body.text], body.input_type, "text"
@@ -86,7 +86,7 @@ async def embed_batch(
     check_sizes(body.texts, limits, param="texts")
     for index, text in enumerate(body.texts):
         check_text(text, index, limits, param="texts")
-    model = body.model or runtime.default_model
+    model = runtime.service.resolve_model(body.model or runtime.default_model, route="/embed/batch")
     shape = output_shape(runtime.service, model, body.embedding_type)
     result, limit_headers = await _embed(
         request, runtime, admission, model, body.texts, body.input_type, "texts"

@@ -84,6 +84,10 @@ def file_object(
     }
 
 
+# What a batch's lines may ask for: embeddings, or a rerank (Cohere's and Jina's shape).
+BATCH_ENDPOINTS = ("/v1/embeddings", "/v1/rerank")
+
+
 def batch_object(
     batch_id: str,
     input_file_id: str,
@@ -91,6 +95,7 @@ def batch_object(
     metadata: dict[str, str] | None,
     expire_after_seconds: int = 0,
     owner: str | None = None,
+    endpoint: str = "/v1/embeddings",
 ) -> JsonDict:
     created = now()
     window = expire_after_seconds or COMPLETION_WINDOW_SECONDS[completion_window]
@@ -98,7 +103,7 @@ def batch_object(
         "_owner": owner,
         "id": batch_id,
         "object": "batch",
-        "endpoint": "/v1/embeddings",
+        "endpoint": endpoint,
         "errors": None,
         "input_file_id": input_file_id,
         "completion_window": completion_window,

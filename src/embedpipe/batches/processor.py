@@ -35,12 +35,14 @@ from embedpipe.batches.validation import PREPARE_ERRORS, chunk_name, problem, re
 from embedpipe.error_status import status_for
 from embedpipe.errors import (
     EmbedpipeError,
+    InvalidInput,
     NotReady,
     Overloaded,
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
 from embedpipe.operations.openai_embeddings import EmbeddingRequest
+from embedpipe.operations.rerank import RerankRequest
 from embedpipe.settings import JobsSettings
 from embedpipe.tenancy import serving_tenant
 
@@ -48,6 +50,8 @@ log = logging.getLogger("embedpipe.batches")
 
 # One embeddings request body in, the response body out (raises EmbedpipeError).
 EmbedRequest = Callable[[EmbeddingRequest], Awaitable[dict[str, Any]]]
+# The same for a rerank line (``url: "/v1/rerank"``).
+RerankLine = Callable[[RerankRequest], Awaitable[dict[str, Any]]]
 
 T = TypeVar("T")
 
@@ -57,12 +61,18 @@ _RUNNING_STATUSES = ("in_progress", "cancelling", "finalizing")
 
 class BatchProcessor:
     def __init__(
-        self, store: JobStore, storage: Storage, settings: JobsSettings, embed: EmbedRequest
+        self,
+        store: JobStore,
+        storage: Storage,
+        settings: JobsSettings,
+        embed: EmbedRequest,
+        rerank: RerankLine | None = None,
     ) -> None:
         self._store = store
         self._storage = storage
         self._settings = settings
         self._embed = embed
+        self._rerank = rerank
 
     # -- prepare -------------------------------------------------------------------------
 
@@ -199,8 +209,7 @@ class BatchProcessor:
         req_id = request_id(batch_id, custom_id)
         status, body = 200, None
         try:
-            parsed = EmbeddingRequest.model_validate(request["body"])
-            body = await when_there_is_room(lambda: self._embed(parsed))
+            body = await self._answer_body(request)
         except ValidationError as invalid:
             first = invalid.errors()[0]
             param = ".".join(str(part) for part in first["loc"]) or None
@@ -223,6 +232,15 @@ class BatchProcessor:
             "response": {"status_code": status, "request_id": req_id, "body": body},
             "error": None,
         }
+
+    async def _answer_body(self, request: JsonDict) -> dict[str, Any]:
+        if request.get("url") == "/v1/rerank":
+            if self._rerank is None:
+                raise InvalidInput("This server answers no rerank lines.", param="url")
+            rerank, ranked = self._rerank, RerankRequest.model_validate(request["body"])
+            return await when_there_is_room(lambda: rerank(ranked))
+        parsed = EmbeddingRequest.model_validate(request["body"])
+        return await when_there_is_room(lambda: self._embed(parsed))
 
     # -- finalize --------------------------------------------------------------------------
 

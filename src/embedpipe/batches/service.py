@@ -22,6 +22,7 @@ import anyio
 
 from embedpipe import metrics
 from embedpipe.batches.objects import (
+    BATCH_ENDPOINTS,
     COMPLETION_WINDOW_SECONDS,
     EXPIRES_AFTER_SECONDS,
     JsonDict,
@@ -244,9 +245,10 @@ class JobService:
         owner: str | None = None,
         output_expires_after_seconds: int | None = None,
     ) -> JsonDict:
-        if endpoint != "/v1/embeddings":
+        if endpoint not in BATCH_ENDPOINTS:
             raise InvalidInput(
-                f"'endpoint' must be \"/v1/embeddings\" (got {endpoint!r}).", param="endpoint"
+                f"'endpoint' must be one of {', '.join(BATCH_ENDPOINTS)} (got {endpoint!r}).",
+                param="endpoint",
             )
         if completion_window not in COMPLETION_WINDOW_SECONDS:
             raise InvalidInput(
@@ -277,6 +279,7 @@ class JobService:
             metadata,
             self._settings.expire_after_seconds,
             owner,
+            endpoint,
         )
         if output_expires_after_seconds is not None:
             batch["_output_lifetime"] = check_expires_after(

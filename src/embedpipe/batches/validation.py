@@ -22,7 +22,7 @@ from typing import IO
 
 import orjson
 
-from embedpipe.batches.objects import JsonDict
+from embedpipe.batches.objects import BATCH_ENDPOINTS, JsonDict
 from embedpipe.batches.storage import write_atomically
 from embedpipe.settings import JobsSettings
 
@@ -175,7 +175,11 @@ class _Spool:
 
 
 def input_count(body: JsonDict) -> int:
-    """The texts a request body holds (one for a string or a token-id list)."""
+    """The texts a request body holds (one for a string or a token-id list; a rerank's
+    documents and its query)."""
+    documents = body.get("documents")
+    if isinstance(documents, list):
+        return len(documents) + 1
     value = body.get("input")
     if isinstance(value, list) and value and not isinstance(value[0], int):
         return len(value)
@@ -203,13 +207,20 @@ def parse_line(raw: bytes, seen: set[bytes]) -> tuple[JsonDict | None, JsonDict 
     seen.add(digest)
     if request.get("method") != "POST":
         return request, problem("invalid_method", "'method' must be \"POST\".")
-    if request.get("url") != "/v1/embeddings":
-        return request, problem("invalid_url", "'url' must be \"/v1/embeddings\".")
+    url = request.get("url")
+    if url not in BATCH_ENDPOINTS:
+        return request, problem(
+            "invalid_url", f"'url' must be one of {', '.join(BATCH_ENDPOINTS)}."
+        )
     if not isinstance(request.get("body"), dict):
         return request, problem("invalid_body", "'body' must be a JSON object.")
     if not _storable(request["body"]):
         return request, _UNSTORABLE
-    return {"custom_id": custom_id, "body": request["body"]}, None
+    # An embeddings line keeps no url: chunk files written before reranking stay valid.
+    line: JsonDict = {"custom_id": custom_id, "body": request["body"]}
+    if url != "/v1/embeddings":
+        line["url"] = url
+    return line, None
 
 
 def _storable(value: object) -> bool:

@@ -26,6 +26,8 @@ from embedpipe.operations.openai_embeddings import (
     prepare_inputs,
     respond,
 )
+from embedpipe.operations.rerank import RerankRequest, cohere_body, rank
+from embedpipe.operations.rerank import prepare as prepare_rerank
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
 from embedpipe.tenancy import current_tenant
@@ -69,7 +71,26 @@ def new_processor(settings: Settings, runtime: Runtime, store: JobStore) -> Batc
         )
         return respond(prepared, result)
 
-    return BatchProcessor(store, Storage(settings.data_dir), settings.jobs, embed)
+    async def rerank(request: RerankRequest) -> dict[str, Any]:
+        prepared = prepare_rerank(
+            service,
+            limits,
+            model=request.model,
+            route="/v1/rerank",
+            query=request.query,
+            documents=request.documents,
+            top_n=request.top_n,
+        )
+        inputs = await service.clip(prepared.model, prepared.inputs)
+        tokens = await service.count_tokens(prepared.model, inputs)
+        await budget.charge(current_tenant(), sum(tokens))
+        result = await when_there_is_room(
+            lambda: service.embed(prepared.model, inputs, tokens, background=True)
+        )
+        ranked = rank(service, prepared, result, raw=False)
+        return cohere_body(prepared, ranked, return_documents=request.return_documents)
+
+    return BatchProcessor(store, Storage(settings.data_dir), settings.jobs, embed, rerank)
 
 
 async def open_job_service(settings: Settings, runtime: Runtime) -> JobService:

@@ -142,7 +142,7 @@ async def run_embed_job(
     input_kind(job.input)  # an unknown extension fails before any work
     if job.input.resolve() == job.output.resolve():
         raise DatasetError("the output would overwrite the input")
-    model = service.resolve_model(job.model)
+    model = service.resolve_model(job.model, route="/v1/embeddings")
     embedder = service.models.get(model)
     dims = embedder.info.dimensions
     calibration = service.calibration(model)

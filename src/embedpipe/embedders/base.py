@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,10 @@ from embedpipe.embedders.prompts import ModelPrompts
 from embedpipe.embedders.tokens import TextTokenizer, Truncation
 
 Vectors = npt.NDArray[np.float32]
+
+# What a model computes: vectors (``embed``; it also reranks by cosine) or the relevance
+# scores of (query, document) pairs (``rerank``, a cross-encoder).
+Task = Literal["embed", "rerank"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,7 @@ class ModelInfo:
     # own cache entry, not a cut of the full vector) and cache hits are tokens not billed.
     upstream: bool = False
     price_per_million_tokens: float = 0.0
+    task: Task = "embed"
 
 
 def fingerprint_of(identity: Mapping[str, Any]) -> str:

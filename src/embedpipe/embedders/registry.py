@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from embedpipe.embedders.base import Embedder, ServedModel
+from embedpipe.embedders.base import Embedder, ModelInfo, ServedModel, Task
 from embedpipe.errors import InvalidInput, ModelNotFound
 from embedpipe.settings import Settings
 
@@ -18,8 +18,23 @@ BUNDLED_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2",)
 BUNDLED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
-Backend = Literal["torch", "onnx", "openai"]
-BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "openai")
+Backend = Literal["torch", "onnx", "openai", "cross-encoder"]
+BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "openai", "cross-encoder")
+
+# The routes each kind of model serves: an embedding model also reranks (by cosine).
+EMBEDDING_ROUTES = (
+    "/v1/embeddings",
+    "/embed",
+    "/embed/batch",
+    "/v2/embed",
+    "/v1/embed",
+    "/tokenize",
+)
+RERANK_ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank")
+ROUTES_OF_TASK: dict[Task, tuple[str, ...]] = {
+    "embed": EMBEDDING_ROUTES + RERANK_ROUTES,
+    "rerank": RERANK_ROUTES,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +50,18 @@ class ModelSpec:
     backend: Backend = "torch"
 
 
+def rerank_method(info: ModelInfo) -> str:
+    """How a model ranks documents: a cross-encoder scores pairs, others compare vectors."""
+    return "cross-encoder" if info.task == "rerank" else "cosine"
+
+
 def parse_model_specs(
     default_model: str, extra_models: str, backend: Backend = "torch"
 ) -> list[ModelSpec]:
     """``EMBEDPIPE_MODEL`` (served with ``EMBEDPIPE_BACKEND``) plus ``EMBEDPIPE_EXTRA_MODELS``:
     ``name=source`` or ``name=backend:source`` pairs, comma-separated, e.g.
-    ``small=openai:text-embedding-3-small,fast=onnx:all-MiniLM-L6-v2``."""
+    ``small=openai:text-embedding-3-small,fast=onnx:all-MiniLM-L6-v2``, or a cross-encoder
+    directory: ``ranker=cross-encoder:/models/ms-marco-MiniLM-L6-v2``."""
     specs = [_spec_for(default_model, backend)]
     for entry in filter(None, (part.strip() for part in extra_models.split(","))):
         name, sep, source = entry.partition("=")
@@ -74,8 +95,12 @@ def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
     """Load one local model (slow: call it off the event loop)."""
     from embedpipe.embedders.sentence_transformers import SentenceTransformerEmbedder
 
-    if spec.backend not in ("torch", "onnx"):
+    if spec.backend not in ("torch", "onnx", "cross-encoder"):
         raise InvalidInput(f"backend {spec.backend!r} of model {spec.name!r} is not available")
+    if spec.backend == "cross-encoder":
+        from embedpipe.embedders.cross_encoder import CrossEncoderScorer
+
+        return CrossEncoderScorer(spec.name, Path(spec.source).expanduser())
 
     path, expected_sha256 = Path(spec.source).expanduser(), None
     options = settings.model_options.get(spec.name)
@@ -150,6 +175,18 @@ class ModelRegistry:
                 param="model",
                 code="model_not_found",
             ) from None
+
+    def resolve_for(self, name: str, route: str) -> str:
+        """:meth:`resolve`, and InvalidInput when that model does not serve ``route``."""
+        canonical = self.resolve(name)
+        routes = ROUTES_OF_TASK[self._by_name[canonical].info.task]
+        if route not in routes:
+            raise InvalidInput(
+                f"The model '{canonical}' does not serve {route}: it serves {', '.join(routes)}.",
+                param="model",
+                code="model_not_supported",
+            )
+        return canonical
 
     def get(self, name: str) -> ServedModel:
         return self._by_name[self.resolve(name)]

@@ -104,10 +104,11 @@ def prepare(
     decoder: TokenDecoder,
     limits: LimitsSettings,
     request: EmbeddingRequest,
+    route: str = "/v1/embeddings",
 ) -> PreparedRequest:
-    """Validate the request: the served model, its prompt, ``dimensions`` and the texts
-    (InvalidInput or ModelNotFound otherwise)."""
-    model = service.resolve_model(request.model)
+    """Validate the request: the served model (one that serves ``route``), its prompt,
+    ``dimensions`` and the texts (InvalidInput or ModelNotFound otherwise)."""
+    model = service.resolve_model(request.model, route=route)
     served = service.models.get(model)
     options = InputOptions(
         prompt=served.prompts.resolve(request.input_type, request.prompt_name),

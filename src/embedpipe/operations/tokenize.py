@@ -49,7 +49,7 @@ def tokenize(
 ) -> list[list[Token]]:
     """One list of tokens per input (InvalidInput or ModelNotFound otherwise). Synchronous:
     call it on a thread when the inputs are long."""
-    model = service.resolve_model(request.model or default_model)
+    model = service.resolve_model(request.model or default_model, route="/tokenize")
     served = service.models.get(model)
     tokenizer = served.tokenizer
     if tokenizer is None:
