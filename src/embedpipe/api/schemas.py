@@ -128,7 +128,7 @@ class ErrorDetail(BaseModel):
 
 
 class CohereErrorBody(BaseModel):
-    """Errors on Cohere's routes (``/v1/rerank``, ``/v2/rerank``, ``/v2/embed``)."""
+    """Errors on Cohere's routes (``COHERE_PATHS`` in ``api/cohere_errors.py``)."""
 
     id: str
     message: str
@@ -136,13 +136,6 @@ class CohereErrorBody(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
-
-
-class CohereErrorBody(BaseModel):
-    """Cohere's error shape, on the Cohere-compatible routes."""
-
-    id: str
-    message: str
 
 
 class CohereEmbeddingsByType(BaseModel):
