@@ -21,6 +21,9 @@ from embedpipe.api.app import create_app
 from embedpipe.batcher import MicroBatcher
 from embedpipe.cache import MemoryTier, TieredCache
 from embedpipe.embedders import ModelInfo, ModelRegistry, ModelSpec, Vectors
+from embedpipe.embedders.base import PLAIN, TextForm
+from embedpipe.embedders.prompts import ModelPrompts
+from embedpipe.embedders.tokens import Truncation
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.runtime import Runtime
 from embedpipe.service import EmbeddingService
@@ -55,19 +58,27 @@ class FakeEmbedder:
     def fingerprint(self) -> str:
         return f"fake-{self._info.name}"
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [min(len(text.split()) + 2, self._info.max_tokens) for text in texts]
+    @property
+    def prompts(self) -> ModelPrompts:
+        return ModelPrompts()
 
-    def clip(self, texts: Sequence[str]) -> list[str]:
+    @property
+    def tokenizer(self) -> None:
+        return None
+
+    def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
+        return [min(len((form.prompt + text).split()) + 2, self._info.max_tokens) for text in texts]
+
+    def clip(self, texts: Sequence[str], truncation: Truncation = "right") -> list[str]:
         return list(texts)  # a fake's vector depends on every character
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
+    def embed(self, texts: Sequence[str], form: TextForm = PLAIN) -> Vectors:
         if self.gate is not None:
             self.gate.wait(timeout=10)
         self.calls.append(list(texts))
         if self.fail_on is not None and self.fail_on in texts:
             raise RuntimeError("secret internal detail")
-        return np.stack([vector_for(text, self._info.dimensions) for text in texts])
+        return np.stack([vector_for(form.prompt + text, self._info.dimensions) for text in texts])
 
 
 def vector_for(text: str, dimensions: int = 8) -> Vectors:

@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from embedpipe import metrics
-from embedpipe.embedders.base import Embedder
+from embedpipe.embedders.base import PLAIN, Embedder, TextForm, Vectors
 from embedpipe.errors import ModelFailed, NotReady, Overloaded
 from embedpipe.settings import BatchingSettings
 
@@ -53,6 +53,9 @@ class PendingText:
     # A batch job's text: computed only while no online text waits. An online request that
     # joins it (the same text) makes it online.
     background: bool = False
+    # Its prompt (kept apart from the text) and truncation side: part of its cache key, so
+    # texts that share a future share a form.
+    form: TextForm = PLAIN
 
     def join(self) -> None:
         self.waiters += 1
@@ -99,10 +102,12 @@ class Batcher(Protocol):
         dimensions: int | None = None,
         *,
         background: bool = False,
+        form: TextForm = PLAIN,
     ) -> list[PendingText]:
         """Queue texts, all or none. ``dimensions``: the size the model must compute (only
         for ``ModelInfo.upstream`` models; a local model's vectors are cut after the cache).
-        ``background``: a batch job's texts, which yield to online ones."""
+        ``background``: a batch job's texts, which yield to online ones. ``form``: how the
+        model sees them (prompt apart, truncation side)."""
         ...
 
 
@@ -151,6 +156,7 @@ class MicroBatcher:
         dimensions: int | None = None,
         *,
         background: bool = False,
+        form: TextForm = PLAIN,
     ) -> list[PendingText]:
         """Queue texts for the model, all or none: a full queue raises Overloaded (for
         ``background`` texts, half the queue: the other half stays free for online ones)."""
@@ -167,7 +173,13 @@ class MicroBatcher:
             )
         loop = asyncio.get_running_loop()
         items = [
-            PendingText(text=text, tokens=count, future=loop.create_future(), background=background)
+            PendingText(
+                text=text,
+                tokens=count,
+                future=loop.create_future(),
+                background=background,
+                form=form,
+            )
             for text, count in zip(texts, tokens, strict=True)
         ]
         self._pending.extend(items)
@@ -248,9 +260,8 @@ class MicroBatcher:
         metrics.BATCH_TOKENS.labels(model=self._model).observe(
             len(batch) * max(item.tokens for item in batch)
         )
-        texts = [item.text for item in batch]
         try:
-            vectors = await loop.run_in_executor(self._executor, self._embedder.embed, texts)
+            vectors = await loop.run_in_executor(self._executor, self._embed_by_form, batch)
         except Exception:
             log.exception("model %s failed on a batch of %d texts", self._model, len(batch))
             for item in batch:
@@ -268,6 +279,20 @@ class MicroBatcher:
         for item, vector in zip(batch, vectors, strict=True):
             if not item.future.done():
                 item.future.set_result(vector)
+
+    def _embed_by_form(self, batch: list[PendingText]) -> list[Vectors]:
+        """On the model's thread: one model call per form in the batch (almost always one),
+        the vectors back in the batch's order."""
+        forms: dict[TextForm, list[int]] = {}
+        for position, item in enumerate(batch):
+            forms.setdefault(item.form, []).append(position)
+        vectors: list[Vectors] = [np.empty(0, dtype=np.float32)] * len(batch)
+        for form, positions in forms.items():
+            texts = [batch[position].text for position in positions]
+            computed = self._embedder.embed(texts, form)
+            for position, vector in zip(positions, computed, strict=True):
+                vectors[position] = vector
+        return vectors
 
     def _time_to_drain(self, texts: int) -> float:
         """Seconds until ``texts`` queued texts are computed at the recent pace (1 to 60)."""

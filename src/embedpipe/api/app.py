@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from embedpipe import __version__
-from embedpipe.api import files_batches, openai, ops, simple
+from embedpipe.api import files_batches, openai, ops, simple, tokenize
 from embedpipe.api.cohere_errors import COHERE_PATHS, CohereErrorMiddleware
 from embedpipe.api.deps import ClientGone
 from embedpipe.api.docs import install_docs
@@ -77,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.traffic = traffic
     app.include_router(openai.router)
     app.include_router(simple.router)
+    app.include_router(tokenize.router)
     app.include_router(files_batches.router)
     app.include_router(ops.router)
     install_error_handlers(app)

@@ -18,7 +18,13 @@ from embedpipe.api.deps import (
 from embedpipe.api.schemas import EmbeddingResponse, ErrorBody, ModelList
 from embedpipe.api.security import admit_request, charge_tokens
 from embedpipe.inputs import max_json_values
-from embedpipe.operations.openai_embeddings import EmbeddingRequest, prepare, respond
+from embedpipe.operations.openai_embeddings import (
+    EmbeddingRequest,
+    embed_inputs,
+    prepare,
+    prepare_inputs,
+    respond,
+)
 from embedpipe.runtime import Runtime
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -44,18 +50,22 @@ async def create_embeddings(
     body = await json_body(request, EmbeddingRequest, max_values=max_json_values(limits))
     service = runtime.service
     prepared = await off_loop_if_big(request, prepare, service, runtime.token_decoder, limits, body)
-    # Cut at the window before anything tokenizes a whole long text.
-    texts = await service.clip(prepared.model, prepared.texts)
-    # Counted once: the token budget is charged what `usage` reports, before any model work.
-    tokens = await service.count_tokens(prepared.model, texts)
-    limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="input")
+    # Cut at the window (or into windows) before anything tokenizes a whole long text, then
+    # counted once: the token budget is charged what `usage` reports, before any model work.
+    inputs = await prepare_inputs(service, limits, prepared)
+    limit_headers = await charge_tokens(admission, runtime, inputs.total_tokens, param="input")
     # From L1 without a task; only work that may wait is watched for a client going away.
-    size = prepared.dimensions
-    result = service.embed_from_memory(prepared.model, texts, tokens, dimensions=size)
+    result = service.embed_from_memory(
+        prepared.model,
+        inputs.texts,
+        inputs.tokens,
+        dimensions=prepared.dimensions,
+        form=inputs.form,
+    )
     if result is None:
-        result = await unless_disconnected(
-            request, service.embed(prepared.model, texts, tokens, dimensions=size)
-        )
+        result = await unless_disconnected(request, embed_inputs(service, prepared, inputs))
+    else:
+        result = inputs.combine(result)
     return json_response(respond(prepared, result), headers=limit_headers)
 
 

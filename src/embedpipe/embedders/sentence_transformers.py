@@ -12,9 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
+from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, Vectors, fingerprint_of
+from embedpipe.embedders.prompts import ModelPrompts, merged_prompts
+from embedpipe.embedders.tokens import TextTokenizer, Truncation
 from embedpipe.embedders.window import WindowClipper
-from embedpipe.errors import ModelLoadError
+from embedpipe.errors import InvalidInput, ModelLoadError
+from embedpipe.settings import ModelOptions
 
 log = logging.getLogger("embedpipe.model")
 
@@ -64,7 +67,25 @@ def checked_weights(name: str, model_dir: Path, expected_sha256: str | None) -> 
     return weights_sha256
 
 
-def _read_json(path: Path) -> Any:
+def long_text_tokenizer(tokenizer: Any, max_tokens: int, options: ModelOptions) -> TextTokenizer:
+    """The model's TextTokenizer, with its long-text windows from ``options``."""
+    window = options.long_text_window_tokens or max_tokens
+    if not 0 < window <= max_tokens or options.long_text_overlap_tokens >= window // 2:
+        raise ModelLoadError(
+            f"long-text window {window} and overlap {options.long_text_overlap_tokens} do not "
+            f"fit a window of {max_tokens} tokens (overlap under half the window)"
+        )
+    return TextTokenizer(
+        tokenizer, max_tokens, window_tokens=window, overlap_tokens=options.long_text_overlap_tokens
+    )
+
+
+def pooling_includes_prompt(model: Any) -> bool:
+    """False when a Pooling module leaves the prompt's tokens out (``include_prompt``)."""
+    return all(getattr(module, "include_prompt", True) for module in model)
+
+
+def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -77,8 +98,9 @@ class SentenceTransformerEmbedder:
         model_dir: Path,
         *,
         expected_sha256: str | None = None,
-        prompt: str = "",
+        options: ModelOptions | None = None,
     ) -> None:
+        options = options or ModelOptions()
         weights_sha256 = checked_weights(name, model_dir, expected_sha256)
         # The hub must never be reached, whatever the caller's environment says.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,13 +108,25 @@ class SentenceTransformerEmbedder:
 
         self._model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
         self._model.eval()
-        self._prompt = prompt
+        try:
+            self._prompts = merged_prompts(
+                self._model.prompts,
+                self._model.default_prompt_name,
+                options.prompts,
+                options.default_prompt_name,
+                in_pooling=pooling_includes_prompt(self._model),
+            )
+        except InvalidInput as exc:
+            raise ModelLoadError(f"model {name}: {exc.message}") from None
         max_tokens = self._model.max_seq_length
         dimensions = self._model.get_embedding_dimension()
         if not max_tokens or not dimensions:
             raise ModelLoadError(f"{model_dir} declares no window or no embedding dimension")
         self._counter = token_counter(self._model.tokenizer, max_tokens)
         self._clipper = WindowClipper(self._model.tokenizer.backend_tokenizer, max_tokens)
+        self._tokens = long_text_tokenizer(
+            self._model.tokenizer.backend_tokenizer, max_tokens, options
+        )
         self._info = ModelInfo(
             name=name,
             backend="sentence-transformers",
@@ -104,11 +138,12 @@ class SentenceTransformerEmbedder:
         identity = {
             "weights": weights_sha256,
             "backend": self._info.backend,
-            "pooling": _read_json(model_dir / "1_Pooling" / "config.json"),
-            "modules": _read_json(model_dir / "modules.json"),
+            "pooling": read_json(model_dir / "1_Pooling" / "config.json"),
+            "modules": read_json(model_dir / "modules.json"),
             "normalize": True,
             "max_tokens": max_tokens,
-            "prompt": prompt,
+            # Prompts are chosen per request: each form has its own keys (TextForm.key_suffix).
+            "prompt": "",
         }
         self._fingerprint = fingerprint_of(identity)
         log.info(
@@ -128,20 +163,38 @@ class SentenceTransformerEmbedder:
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        encoded = self._counter.encode_batch([self._prompt + text for text in texts])
+    @property
+    def prompts(self) -> ModelPrompts:
+        return self._prompts
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self._tokens
+
+    def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
+        encoded = self._counter.encode_batch([form.prompt + text for text in texts])
         return [len(encoding.ids) for encoding in encoded]
 
-    def clip(self, texts: Sequence[str]) -> list[str]:
-        return [self._clipper.clip(text) for text in texts]
+    def clip(self, texts: Sequence[str], truncation: Truncation = "right") -> list[str]:
+        cut = self._clipper.clip if truncation == "right" else self._clipper.clip_left
+        return [cut(text) for text in texts]
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
-        vectors = self._model.encode(
-            list(texts),
-            prompt=self._prompt or None,
-            batch_size=max(1, len(texts)),
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+    def embed(self, texts: Sequence[str], form: TextForm = PLAIN) -> Vectors:
+        """On the model's thread only: ``left`` sets the shared tokenizer's side for this
+        call (counting uses its own copy)."""
+        tokenizer = self._model.tokenizer
+        tokenizer.truncation_side = form.truncation
+        try:
+            vectors = self._model.encode(
+                list(texts),
+                # Always explicit: None would apply the model's default_prompt_name behind
+                # the cache key's back (requests resolve that default themselves).
+                prompt=form.prompt,
+                batch_size=max(1, len(texts)),
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        finally:
+            tokenizer.truncation_side = "right"
         return np.ascontiguousarray(vectors, dtype=np.float32)

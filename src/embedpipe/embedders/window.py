@@ -15,6 +15,11 @@ alignment per character: about 80 bytes each), so a 1 MB text cost a second and 
   tokens, and the model truncates both at the same place.
 - Otherwise (the prefix was mostly whitespace or characters the normaliser drops) the prefix
   grows fourfold and it tries again; at worst the whole text is tokenized, as before.
+
+``truncation_direction: "left"`` keeps the *end* of a text instead, and :meth:`clip_left` is
+the mirror image: it tokenizes a suffix of the same bound and cuts the text before the first
+word of the last window's worth of tokens, when that word starts after the suffix does. The
+model, truncating on the left, then keeps exactly the tokens it would keep of the whole text.
 """
 
 from __future__ import annotations
@@ -49,6 +54,30 @@ class WindowClipper:
                 return text[:end]
             bound *= 4
         return text
+
+    def clip_left(self, text: str) -> str:
+        bound = self.bound
+        while len(text) > bound:
+            start = self._window_start(text[-bound:])
+            if start is not None:
+                return text[len(text) - bound + start :]
+            bound *= 4
+        return text
+
+    def _window_start(self, suffix: str) -> int | None:
+        """Where the first word with a token in the last window starts, if it starts after
+        the suffix does (so the suffix's own start, perhaps mid-word, cannot matter); else
+        None."""
+        encoding = self._tokenizer.encode(suffix, add_special_tokens=False)
+        words = encoding.word_ids
+        if len(words) <= self._content_tokens:
+            return None
+        kept = words[len(words) - self._content_tokens]
+        if kept is None or kept == words[0]:
+            return None
+        return min(
+            start for (start, _), word in zip(encoding.offsets, words, strict=True) if word == kept
+        )
 
     def _window_end(self, prefix: str) -> int | None:
         """Where the last word with a token in the window ends, if it ends before the prefix

@@ -1,18 +1,29 @@
 """OpenAI's embeddings operation without HTTP: a request body in, a response body out.
 
 The ``/v1/embeddings`` route and batch jobs both answer through these functions, so a batch
-line gets exactly what the same request would get online. The route runs the steps itself
-(``prepare``, then its own token charge, then ``respond``); batches call ``create_embeddings``.
+line gets exactly what the same request would get online. The steps, which the route runs
+itself around its own token charge::
+
+    prepared = prepare(service, decoder, limits, request)      # model, prompt, texts (400s)
+    inputs = await prepare_inputs(service, limits, prepared)   # clip/windows, counts (400s)
+    ... charge inputs.total_tokens ...
+    result = await embed_inputs(service, prepared, inputs)     # windows combined
+    body = respond(prepared, result)
+
+``create_embeddings`` runs them all (no charge) for callers that charge elsewhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from embedpipe.embedders.prompts import InputType
+from embedpipe.embedders.tokens import Truncation
 from embedpipe.inputs import TokenDecoder, normalize_input
+from embedpipe.operations.model_inputs import InputOptions, LongText, ModelInputs, model_inputs
 from embedpipe.service import EmbeddingService, EmbedResult
 from embedpipe.settings import LimitsSettings
 from embedpipe.vectors import check_dimensions, to_base64, truncate
@@ -37,6 +48,29 @@ class EmbeddingRequest(BaseModel):
         description="Return the first N dimensions, renormalised to unit length.",
     )
     user: str | None = None
+    # Extensions (the OpenAI SDK sends them through ``extra_body``).
+    input_type: InputType | None = Field(
+        None,
+        description="What the texts are, to pick the model's prompt: query or document (or "
+        "Cohere's search_query, search_document, classification, clustering). A model without "
+        "prompts accepts it and answers as without.",
+    )
+    prompt_name: str | None = Field(
+        None, description="A prompt of the model by name (wins over input_type)."
+    )
+    truncate: bool = Field(
+        True,
+        strict=True,
+        description="false: an input longer than the model's window is refused (400), not cut.",
+    )
+    truncation_direction: Truncation = Field(
+        "right", description="Which end of a text past the window is cut: right keeps its start."
+    )
+    long_text: LongText = Field(
+        "truncate",
+        description='"mean": an input longer than the window is embedded as the token-weighted '
+        "mean of its windows.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +79,7 @@ class PreparedRequest:
     texts: list[str]
     dimensions: int | None
     encoding_format: str
+    options: InputOptions = field(default_factory=InputOptions)
 
 
 def prepare(
@@ -53,12 +88,46 @@ def prepare(
     limits: LimitsSettings,
     request: EmbeddingRequest,
 ) -> PreparedRequest:
-    """Validate the request: the served model, ``dimensions`` and the texts (InvalidInput or
-    ModelNotFound otherwise)."""
+    """Validate the request: the served model, its prompt, ``dimensions`` and the texts
+    (InvalidInput or ModelNotFound otherwise)."""
     model = service.resolve_model(request.model)
-    dimensions = check_dimensions(request.dimensions, service.models.get(model).info.dimensions)
+    served = service.models.get(model)
+    options = InputOptions(
+        prompt=served.prompts.resolve(request.input_type, request.prompt_name),
+        truncate=request.truncate,
+        truncation=request.truncation_direction,
+        long_text=request.long_text,
+    )
+    dimensions = check_dimensions(request.dimensions, served.info.dimensions)
     texts = normalize_input(request.input, limits, decoder)
-    return PreparedRequest(model, texts, dimensions, request.encoding_format)
+    return PreparedRequest(model, texts, dimensions, request.encoding_format, options)
+
+
+async def prepare_inputs(
+    service: EmbeddingService, limits: LimitsSettings, prepared: PreparedRequest
+) -> ModelInputs:
+    """The model's inputs and their tokens (InvalidInput for a text over the window with
+    ``truncate: false``, or past the long-text limit): charge ``total_tokens`` next."""
+    return await model_inputs(service, prepared.model, prepared.texts, prepared.options, limits)
+
+
+async def embed_inputs(
+    service: EmbeddingService,
+    prepared: PreparedRequest,
+    inputs: ModelInputs,
+    *,
+    background: bool = False,
+) -> EmbedResult:
+    """One vector per input (long inputs' windows combined)."""
+    result = await service.embed(
+        prepared.model,
+        inputs.texts,
+        inputs.tokens,
+        dimensions=prepared.dimensions,
+        background=background,
+        form=inputs.form,
+    )
+    return inputs.combine(result)
 
 
 def respond(prepared: PreparedRequest, result: EmbedResult) -> dict[str, Any]:
@@ -84,8 +153,8 @@ async def create_embeddings(
     request: EmbeddingRequest,
 ) -> dict[str, Any]:
     prepared = prepare(service, decoder, limits, request)
-    result = await service.embed(prepared.model, prepared.texts, dimensions=prepared.dimensions)
-    return respond(prepared, result)
+    inputs = await prepare_inputs(service, limits, prepared)
+    return respond(prepared, await embed_inputs(service, prepared, inputs))
 
 
 def _as_is(vector: Any) -> Any:

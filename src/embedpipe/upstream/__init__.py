@@ -11,9 +11,10 @@ the provider's rate limits and outages. Built in the composition root::
 
 from __future__ import annotations
 
+from embedpipe.embedders.prompts import ModelPrompts, merged_prompts
 from embedpipe.embedders.registry import ModelSpec
 from embedpipe.errors import InvalidInput
-from embedpipe.settings import Settings
+from embedpipe.settings import ModelOptions, Settings
 from embedpipe.upstream.batcher import UpstreamBatcher
 from embedpipe.upstream.client import UpstreamAnswer, UpstreamClient
 from embedpipe.upstream.model import KNOWN_DIMENSIONS, UpstreamModel, public_url
@@ -40,7 +41,16 @@ def describe_upstream(spec: ModelSpec, settings: Settings) -> UpstreamModel:
         dimensions=settings.openai_dimensions,
         max_input_tokens=settings.upstream.max_input_tokens,
         price_per_million_tokens=settings.openai_price_per_million_tokens,
+        prompts=_prompts(settings.model_options.get(spec.name)),
     )
+
+
+def _prompts(options: ModelOptions | None) -> ModelPrompts:
+    """Prompts the operator gave an upstream model: prepended to its texts, as any prompt a
+    model pools over."""
+    if options is None:
+        return ModelPrompts()
+    return merged_prompts({}, None, options.prompts, options.default_prompt_name, in_pooling=True)
 
 
 def open_upstream(spec: ModelSpec, settings: Settings) -> tuple[UpstreamModel, UpstreamBatcher]:

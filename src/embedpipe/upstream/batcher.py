@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from embedpipe import metrics
 from embedpipe.batcher import PendingText, wait_for_company
-from embedpipe.embedders.base import Vectors
+from embedpipe.embedders.base import PLAIN, TextForm, Vectors
 from embedpipe.errors import EmbedpipeError, NotReady, Overloaded, UpstreamFailed
 from embedpipe.settings import UpstreamSettings
 from embedpipe.upstream.client import UpstreamClient
@@ -83,10 +83,14 @@ class UpstreamBatcher:
         dimensions: int | None = None,
         *,
         background: bool = False,
+        form: TextForm = PLAIN,
     ) -> list[PendingText]:
         """Queue texts for upstream calls of vectors of ``dimensions`` (None: full size), all
         or none: a full queue raises Overloaded. ``background`` is accepted but not yet used:
-        batch texts queue for an upstream like online ones."""
+        batch texts queue for an upstream like online ones. ``form``: plain only (an upstream
+        model's prompts are part of its texts, and it never truncates)."""
+        if form != PLAIN:
+            raise ValueError("an upstream model takes its texts in the plain form")
         if self._closed:
             raise NotReady("the server is shutting down")
         if self._queued + len(texts) > self._settings.max_queue_texts:

@@ -13,7 +13,9 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from embedpipe.embedders.base import ModelInfo, fingerprint_of
+from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, fingerprint_of
+from embedpipe.embedders.prompts import ModelPrompts
+from embedpipe.embedders.tokens import Truncation
 from embedpipe.errors import InvalidInput
 from embedpipe.inputs import load_cl100k
 
@@ -72,7 +74,9 @@ class UpstreamModel:
         max_input_tokens: int = 8192,
         price_per_million_tokens: float = 0.0,
         counter: Cl100kCounter | None = None,
+        prompts: ModelPrompts | None = None,
     ) -> None:
+        self._prompts = prompts or ModelPrompts()
         self.upstream_model = upstream_model
         self._counter = counter or Cl100kCounter()
         self._info = ModelInfo(
@@ -97,10 +101,19 @@ class UpstreamModel:
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+    @property
+    def prompts(self) -> ModelPrompts:
+        return self._prompts
+
+    @property
+    def tokenizer(self) -> None:
+        """None: the upstream's tokenizer is not this process's to run."""
+        return None
+
+    def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
         """cl100k tokens per text; a text over the upstream's window is a 400 here, before
         any call (the upstream would refuse it, failing the texts it shares a call with)."""
-        counts = self._counter.count(texts)
+        counts = self._counter.count([form.prompt + text for text in texts])
         limit = self._info.max_tokens
         for index, count in enumerate(counts):
             if count > limit:
@@ -113,7 +126,7 @@ class UpstreamModel:
                 )
         return counts
 
-    def clip(self, texts: Sequence[str]) -> list[str]:
+    def clip(self, texts: Sequence[str], truncation: Truncation = "right") -> list[str]:
         """The texts as they are (the upstream refuses what is over its window, it never cuts),
         after refusing any so long it must be over the window, before it is tokenized: a
         cl100k token is at most 128 bytes, so a text has at least len/128 tokens."""
