@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,80 @@ async def store(
         opened = RedisJobStore.from_url(request.getfixturevalue("redis_url"), namespace)
     yield opened
     await opened.close()
+
+
+# A local model with prompts, built offline from the bundled one: "prompted" pools over its
+# prompt (sentence-transformers' default), "prompt-apart" leaves the prompt's tokens out of its
+# pooling (include_prompt=False, as Instructor-style models do).
+PROMPTS = {"query": "query: ", "passage": "passage: ", "classification": "classify: "}
+PROMPTED_MODELS = {"prompted": True, "prompt-apart": False}
+# EMBEDPIPE_MODEL_OPTIONS of the prompts server: a prompt from settings, and small long-text
+# windows for the prompted model.
+LONG_WINDOW_TOKENS, LONG_OVERLAP_TOKENS = 64, 8
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "prompted": {
+        "prompts": {"clustering": "cluster: "},
+        "long_text_window_tokens": LONG_WINDOW_TOKENS,
+        "long_text_overlap_tokens": LONG_OVERLAP_TOKENS,
+    }
+}
+MAX_INPUT_TOKENS_LONG = 4096
+
+
+@pytest.fixture(scope="session")
+def prompted_model_dirs(
+    tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path
+) -> dict[str, Path]:
+    from sentence_transformers import SentenceTransformer
+
+    root = tmp_path_factory.mktemp("prompted-models")
+    dirs = {}
+    for name, include_prompt in PROMPTED_MODELS.items():
+        model = SentenceTransformer(
+            str(bundled_model_dir), device="cpu", local_files_only=True, prompts=PROMPTS
+        )
+        model.set_pooling_include_prompt(include_prompt)
+        model.save(str(root / name))
+        dirs[name] = root / name
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def prompted_reference(prompted_model_dirs: dict[str, Path]) -> dict[str, Any]:
+    """The reference SentenceTransformer of each prompted model, loaded from its directory
+    (with the settings' extra prompt, as the server is told)."""
+    from sentence_transformers import SentenceTransformer
+
+    return {
+        name: SentenceTransformer(
+            str(path),
+            device="cpu",
+            local_files_only=True,
+            prompts=MODEL_OPTIONS.get(name, {}).get("prompts"),
+        )
+        for name, path in prompted_model_dirs.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def prompts_server(
+    tmp_path_factory: pytest.TempPathFactory, prompted_model_dirs: dict[str, Path]
+) -> Iterator[ServerProcess]:
+    """The bundled model (default), both prompted models and an upstream model that is never
+    called (its URL answers nothing): what only a local model can do is refused for it."""
+    root = tmp_path_factory.mktemp("prompts-server")
+    extra = [f"{name}={path}" for name, path in prompted_model_dirs.items()]
+    server = ServerProcess(
+        {
+            "EMBEDPIPE_DATA_DIR": str(root / "data"),
+            "EMBEDPIPE_REDIS_URL": "",
+            "EMBEDPIPE_EXTRA_MODELS": ",".join([*extra, "small=openai:text-embedding-3-small"]),
+            "EMBEDPIPE_OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+            "EMBEDPIPE_MODEL_OPTIONS": json.dumps(MODEL_OPTIONS),
+            "EMBEDPIPE_LIMITS__MAX_INPUT_TOKENS_LONG": str(MAX_INPUT_TOKENS_LONG),
+        },
+        root / "server.log",
+    )
+    server.start()
+    yield server
+    server.stop()

@@ -7,15 +7,21 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from embedpipe.embedders.prompts import InputType
+
+_INPUT_TYPE = "What the texts are, to pick the model's prompt (as on /v1/embeddings)."
+
 
 class EmbedRequest(BaseModel):
     text: str = Field(examples=["hello world"])
     model: str | None = Field(None, description="Defaults to the server's default model.")
+    input_type: InputType | None = Field(None, description=_INPUT_TYPE)
 
 
 class EmbedBatchRequest(BaseModel):
     texts: list[str] = Field(examples=[["hello", "world"]])
     model: str | None = None
+    input_type: InputType | None = Field(None, description=_INPUT_TYPE)
 
 
 class EmbeddingObject(BaseModel):

@@ -21,10 +21,13 @@ from embedpipe.api.schemas import (
     EmbedResponse,
     ErrorBody,
 )
-from embedpipe.api.security import admit_request, charge_tokens
+from embedpipe.api.security import Admission, admit_request, charge_tokens
+from embedpipe.embedders.prompts import InputType
 from embedpipe.errors import InvalidInput
 from embedpipe.inputs import check_sizes, check_text, max_json_values
+from embedpipe.operations.model_inputs import InputOptions, model_inputs
 from embedpipe.runtime import Runtime
+from embedpipe.service import EmbedResult
 
 router = APIRouter(tags=["Simple"])
 
@@ -48,13 +51,9 @@ async def embed_one(
     body = await json_body(request, EmbedRequest, max_values=max_json_values(limits), param="text")
     check_text(body.text, None, limits, param="text")
     model = body.model or runtime.default_model
-    texts = await runtime.service.clip(model, [body.text])
-    tokens = await runtime.service.count_tokens(model, texts)
-    limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="text")
-    # From L1 without a task; only work that may wait is watched for a client going away.
-    result = runtime.service.embed_from_memory(model, texts, tokens)
-    if result is None:
-        result = await unless_disconnected(request, runtime.service.embed(model, texts, tokens))
+    result, limit_headers = await _embed(
+        request, runtime, admission, model, [body.text], body.input_type, "text"
+    )
     return json_response(
         {
             "embedding": result.vectors[0],
@@ -86,12 +85,9 @@ async def embed_batch(
     for index, text in enumerate(body.texts):
         check_text(text, index, limits, param="texts")
     model = body.model or runtime.default_model
-    texts = await runtime.service.clip(model, body.texts)
-    tokens = await runtime.service.count_tokens(model, texts)
-    limit_headers = await charge_tokens(admission, runtime, sum(tokens), param="texts")
-    result = runtime.service.embed_from_memory(model, texts, tokens)
-    if result is None:
-        result = await unless_disconnected(request, runtime.service.embed(model, texts, tokens))
+    result, limit_headers = await _embed(
+        request, runtime, admission, model, body.texts, body.input_type, "texts"
+    )
     return json_response(
         {
             "embeddings": result.vectors,
@@ -101,3 +97,27 @@ async def embed_batch(
         },
         headers=limit_headers,
     )
+
+
+async def _embed(
+    request: Request,
+    runtime: Runtime,
+    admission: Admission,
+    model: str,
+    texts: list[str],
+    input_type: InputType | None,
+    param: str,
+) -> tuple[EmbedResult, dict[str, str]]:
+    """The texts' vectors (cut at the window, in the input type's prompt), charged to the
+    client; and the rate-limit headers of the answer."""
+    service = runtime.service
+    name = service.resolve_model(model)
+    options = InputOptions(prompt=service.models.get(name).prompts.resolve(input_type))
+    inputs = await model_inputs(service, name, texts, options, runtime.settings.limits)
+    limit_headers = await charge_tokens(admission, runtime, inputs.total_tokens, param=param)
+    # From L1 without a task; only work that may wait is watched for a client going away.
+    result = service.embed_from_memory(name, inputs.texts, inputs.tokens, form=inputs.form)
+    if result is None:
+        embedding = service.embed(name, inputs.texts, inputs.tokens, form=inputs.form)
+        result = await unless_disconnected(request, embedding)
+    return result, limit_headers
