@@ -32,7 +32,10 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    inputs: str | list[str] = Field(examples=["query: what is an embedding?"])
+    # Checked in tokenize(), for one clear error on "inputs" whatever was sent.
+    inputs: Any = Field(
+        description="A string or a list of strings.", examples=["what is an embedding?"]
+    )
     model: str | None = Field(None, description="A served model; default: the default model.")
     add_special_tokens: bool = Field(True, strict=True)
     prompt_name: str | None = None
@@ -56,6 +59,8 @@ def tokenize(
         )
     prompt = served.prompts.resolve(request.input_type, request.prompt_name)
     texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+        raise InvalidInput("'inputs' must be a string or a list of strings.", param="inputs")
     if not texts:
         raise InvalidInput("'inputs' must not be an empty list.", param="inputs")
     check_sizes(texts, limits, param="inputs")
