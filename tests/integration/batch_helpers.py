@@ -13,13 +13,14 @@ from openai.types import Batch
 from tests.integration.conftest import MODEL
 
 
-def request_line(custom_id: str, text: str | list[str], **body: Any) -> str:
+def request_line(custom_id: str, input: str | list[str], **body: Any) -> str:
+    """A line of a batch input file: ``body`` may name another model."""
     return json.dumps(
         {
             "custom_id": custom_id,
             "method": "POST",
             "url": "/v1/embeddings",
-            "body": {"model": MODEL, "input": text, **body},
+            "body": {"model": MODEL, "input": input, **body},
         }
     )
 

@@ -14,6 +14,7 @@ from openai import OpenAI
 
 from embedpipe.embedders.tokens import TextTokenizer
 from embedpipe.settings import ModelOptions
+from tests.integration.batch_helpers import read_lines, request_line, submit, wait_for
 from tests.integration.conftest import (
     LONG_OVERLAP_TOKENS,
     LONG_WINDOW_TOKENS,
@@ -301,3 +302,45 @@ def test_long_text_past_its_limit_and_on_an_upstream_model_are_400s(http: httpx.
     _error(reply, "long_text")
     reply = http.post("/v1/embeddings", json={"model": MODEL, "input": "x", "long_text": "max"})
     _error(reply, "long_text")
+
+
+# -- every path: Batch API lines --------------------------------------------------------------
+
+
+def test_batch_lines_get_what_the_same_requests_get_online(
+    http: httpx.Client, prompts_server: ServerProcess
+) -> None:
+    """Lines go through the same operation: the same vectors and usage as online, and the
+    same 400s in the error file."""
+    good: dict[str, dict[str, Any]] = {
+        "query": {"model": "prompt-apart", "input": TEXTS, "input_type": "query"},
+        "left": {"model": MODEL, "input": LONG_TEXT, "truncation_direction": "left"},
+        "mean": {"model": "prompted", "input": [LONG_TEXT], "long_text": "mean"},
+    }
+    bad: dict[str, tuple[dict[str, Any], str]] = {
+        "over": ({"model": MODEL, "input": LONG_TEXT, "truncate": False}, "input"),
+        "name": ({"model": "prompted", "input": "x", "prompt_name": "nope"}, "prompt_name"),
+        "type": ({"model": MODEL, "input": "x", "input_type": "nope"}, "input_type"),
+        "strict": ({"model": MODEL, "input": "x", "truncate": "false"}, "truncate"),
+    }
+    lines = [request_line(key, **body) for key, body in good.items()]
+    lines += [request_line(key, **body) for key, (body, _) in bad.items()]
+    with OpenAI(base_url=f"{prompts_server.url}/v1", api_key="unused", max_retries=0) as sdk:
+        batch = submit(sdk, lines)
+        done = wait_for(sdk, batch.id, ("completed", "failed"), timeout=180)
+        assert done.status == "completed"
+        answered = {line["custom_id"]: line for line in read_lines(sdk, done.output_file_id)}
+        failed = {line["custom_id"]: line for line in read_lines(sdk, done.error_file_id)}
+    assert set(answered) == set(good) and set(failed) == set(bad)
+    for key, body in good.items():
+        online = http.post("/v1/embeddings", json=body).json()
+        line = answered[key]["response"]["body"]
+        assert line["usage"] == online["usage"]
+        _assert_identical(
+            np.asarray([item["embedding"] for item in line["data"]], dtype=np.float32),
+            np.asarray([item["embedding"] for item in online["data"]], dtype=np.float32),
+        )
+    for key, (_, param) in bad.items():
+        response = failed[key]["response"]
+        assert response["status_code"] == 400
+        assert response["body"]["error"]["param"] == param
