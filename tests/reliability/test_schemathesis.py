@@ -151,9 +151,24 @@ json_values = st.recursive(
 )
 _EXISTING_FILE = "<an uploaded file>"
 _VALID: dict[str, dict[str, Any]] = {
-    "/v1/embeddings": {"model": MODEL, "input": ["one text", "two"], "user": "u"},
-    "/embed": {"text": "one text", "model": MODEL},
+    "/v1/embeddings": {
+        "model": MODEL,
+        "input": ["one text", "two"],
+        "user": "u",
+        "input_type": "query",
+        "prompt_name": "document",
+        "truncation_direction": "left",
+        "long_text": "mean",
+    },
+    "/embed": {"text": "one text", "model": MODEL, "input_type": "document"},
     "/embed/batch": {"texts": ["one", "two"], "model": MODEL},
+    "/tokenize": {
+        "inputs": ["one text", "two"],
+        "model": MODEL,
+        "prompt_name": "query",
+        "input_type": "search_query",
+        "truncation_direction": "right",
+    },
     "/v1/batches": {
         "input_file_id": _EXISTING_FILE,
         "endpoint": "/v1/embeddings",
