@@ -62,6 +62,37 @@ def test_the_cut_text_gives_the_same_tokens(tokenizer: Any, model_view: Any, see
     assert cut_any
 
 
+@pytest.fixture(scope="module")
+def left_view(tokenizer: Any) -> Any:
+    """What the model sees when it truncates on the left: the last window of tokens."""
+    view = Tokenizer.from_str(tokenizer.to_str())
+    view.no_padding()
+    view.enable_truncation(max_length=WINDOW, direction="left")
+    return view
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_left_cut_text_gives_the_same_last_tokens(
+    tokenizer: Any, left_view: Any, seed: int
+) -> None:
+    clipper = WindowClipper(tokenizer, WINDOW)
+    cut_any = False
+    for text in _texts(seed):
+        cut = clipper.clip_left(text)
+        assert text.endswith(cut)
+        assert left_view.encode(cut).ids == left_view.encode(text).ids, len(text)
+        cut_any |= len(cut) < len(text)
+    assert cut_any
+
+
+def test_the_left_cut_of_a_megabyte_is_a_window_long(tokenizer: Any, left_view: Any) -> None:
+    clipper = WindowClipper(tokenizer, WINDOW)
+    text = "the beginning " + "The quick brown fox jumps over the lazy dog. " * 24_000 + "the end"
+    cut = clipper.clip_left(text)
+    assert len(cut) < 5000 and cut.endswith("the end")
+    assert left_view.encode(cut).ids == left_view.encode(text).ids
+
+
 def test_padding_the_window_with_whitespace_still_gives_the_same_tokens(
     tokenizer: Any, model_view: Any
 ) -> None:
