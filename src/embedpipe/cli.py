@@ -14,6 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from embedpipe.datasets.options import RequestOptions
+from embedpipe.embedders.prompts import InputType
+from embedpipe.embedders.tokens import LongText
 from embedpipe.logs import LogFormat, logging_config
 from embedpipe.settings import Settings
 
@@ -267,6 +270,17 @@ def embed(
         int,
         typer.Option(min=1, help="--server: rows per submitted batch (the server's limit)."),
     ] = 50_000,
+    input_type: Annotated[
+        InputType | None,
+        typer.Option(
+            help="What the texts are (query, document, ...): the model's prompt for them, as "
+            "/v1/embeddings' input_type."
+        ),
+    ] = None,
+    long_text: Annotated[
+        LongText,
+        typer.Option(help="A text past the model's window: cut (truncate) or its windows' mean."),
+    ] = "truncate",
 ) -> None:
     """Embed a dataset file in this process, through the same cache and batcher as the server,
     or with --server as batch jobs on a running service.
@@ -279,6 +293,7 @@ def embed(
     from embedpipe.errors import EmbedpipeError
 
     err = Console(stderr=True)
+    request = RequestOptions(input_type=input_type, long_text=long_text)
     if server is not None:
         _embed_on_server(
             err,
@@ -293,6 +308,7 @@ def embed(
             on_error=on_error,
             batch_rows=batch_rows,
             quiet=quiet,
+            request=request,
         )
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -315,6 +331,7 @@ def embed(
                 on_error=on_error,
                 console=err,
                 quiet=quiet,
+                request=request,
             )
         )
     except EmbedpipeError as exc:
@@ -340,6 +357,7 @@ def _embed_on_server(
     on_error: str,
     batch_rows: int,
     quiet: bool,
+    request: RequestOptions,
 ) -> None:
     from openai import APIError, APIStatusError, OpenAI, OpenAIError
 
@@ -360,6 +378,7 @@ def _embed_on_server(
             id_field=id_field,
             on_error=on_error,
             batch_rows=batch_rows,
+            request=request,
         )
 
         def notice(message: str) -> None:

@@ -5,6 +5,7 @@ with prompts (``prompts_server``)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from tests.integration.conftest import (
     PROMPTED_MODELS,
     reference_vectors,
 )
+from tests.integration.test_embed_cli import embed_cli, read_output, write_jsonl
 from tests.server_process import ServerProcess
 
 pytestmark = [pytest.mark.model, pytest.mark.server]
@@ -344,3 +346,34 @@ def test_batch_lines_get_what_the_same_requests_get_online(
         response = failed[key]["response"]
         assert response["status_code"] == 400
         assert response["body"]["error"]["param"] == param
+
+
+# -- every path: embedpipe embed ----------------------------------------------------------------
+
+
+def test_embed_cli_takes_input_type_and_long_text_in_process_and_on_a_server(
+    tmp_path: Path,
+    http: httpx.Client,
+    prompts_server: ServerProcess,
+    prompted_model_dirs: dict[str, Path],
+    prompted_reference: dict[str, Any],
+) -> None:
+    texts = ["what is a vector?", LONG_TEXT]
+    source = write_jsonl(tmp_path / "in.jsonl", texts)
+    flags = ["--input-type", "query", "--long-text", "mean", "-q"]
+    model_dir = str(prompted_model_dirs["prompted"])
+    embed_cli(tmp_path, str(source), "-o", "local.npy", "--model", model_dir, *flags)
+    _, local = read_output(tmp_path / "local.npy")
+    reference = prompted_reference["prompted"]
+    _assert_identical(local[0], reference.encode(texts[0], prompt_name="query"))
+    # In process the model has the default long-text windows (no EMBEDPIPE_MODEL_OPTIONS).
+    overlap = ModelOptions().long_text_overlap_tokens
+    windows = TextTokenizer(reference.tokenizer.backend_tokenizer, 256, overlap_tokens=overlap)
+    want, _ = _weighted_mean(reference, windows.windows(LONG_TEXT, "query: "), "query: ")
+    _assert_identical(local[1], want)
+
+    server = ["--server", prompts_server.url, "--model", "prompted"]
+    embed_cli(tmp_path, str(source), "-o", "remote.npy", *server, *flags)
+    _, remote = read_output(tmp_path / "remote.npy")
+    online, _ = _embed(http, model="prompted", input=texts, input_type="query", long_text="mean")
+    _assert_identical(remote, online)

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +40,14 @@ from embedpipe.datasets.formats import (
     open_reader,
     open_writer,
 )
+from embedpipe.datasets.options import RequestOptions
 from embedpipe.datasets.progress import JobReport, ProgressUpdate, RichProgress
 from embedpipe.datasets.workdir import WorkDir, file_identity, fsync_dir
 from embedpipe.embedders import parse_model_specs
 from embedpipe.errors import DatasetError
-from embedpipe.service import EmbeddingService
-from embedpipe.settings import Settings
+from embedpipe.operations.model_inputs import InputOptions, model_inputs
+from embedpipe.service import EmbeddingService, EmbedResult
+from embedpipe.settings import LimitsSettings, Settings
 
 OnError = Literal["skip", "fail"]
 
@@ -69,6 +71,8 @@ class EmbedJob:
     id_field: str | None = None
     chunk_size: int = 256
     on_error: OnError = "fail"
+    # As on /v1/embeddings: the model's prompt for this kind of text, and long texts.
+    request: RequestOptions = field(default_factory=RequestOptions)
 
     @property
     def work_dir(self) -> Path:
@@ -120,6 +124,7 @@ async def run_embed_job(
     job: EmbedJob,
     *,
     max_queue_texts: int = 8192,
+    limits: LimitsSettings | None = None,
     on_progress: ProgressCallback | None = None,
     on_bad_row: BadRowCallback | None = None,
 ) -> JobReport:
@@ -135,7 +140,13 @@ async def run_embed_job(
     model = service.resolve_model(job.model)
     embedder = service.models.get(model)
     dims = embedder.info.dimensions
+    # An unknown input type fails before any work.
+    request = job.request
+    inputs = InputOptions(
+        prompt=embedder.prompts.resolve(request.input_type), long_text=request.long_text
+    )
     options = {
+        **request.fields,
         "model": model,
         "model_fingerprint": embedder.fingerprint,
         "text_field": job.text_field,
@@ -144,6 +155,14 @@ async def run_embed_job(
         "on_error": job.on_error,
     }
     identity = {"version": MANIFEST_VERSION, "input": file_identity(job.input), **options}
+    request_limits = limits or LimitsSettings()
+
+    async def embed_texts(texts: Sequence[str]) -> EmbedResult:
+        """As /v1/embeddings embeds them: prompt, window (or windows), cache and model."""
+        prepared = await model_inputs(service, model, texts, inputs, request_limits)
+        result = await service.embed(model, prepared.texts, prepared.tokens, form=prepared.form)
+        return prepared.combine(result)
+
     job_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     progress = ProgressUpdate()
     report = on_progress or (lambda update: None)
@@ -166,7 +185,7 @@ async def run_embed_job(
         with open_reader(job.input, text_field=job.text_field, id_field=job.id_field) as reader:
             progress.total = reader.total
             n_chunks = await _embed_chunks(
-                service,
+                embed_texts,
                 job,
                 work,
                 reader,
@@ -222,7 +241,7 @@ def _finished(manifest: dict[str, Any], job: EmbedJob) -> tuple[int, int] | None
 
 
 async def _embed_chunks(
-    service: EmbeddingService,
+    embed_texts: Callable[[Sequence[str]], Awaitable[EmbedResult]],
     job: EmbedJob,
     work: WorkDir,
     reader: RowReader,
@@ -252,7 +271,7 @@ async def _embed_chunks(
         vectors = np.empty((len(texts), dims), dtype=np.float32)
         hits = 0
         for start in range(0, len(texts), slice_size):
-            result = await service.embed(job.model, texts[start : start + slice_size])
+            result = await embed_texts(texts[start : start + slice_size])
             vectors[start : start + len(result.vectors)] = result.vectors
             hits += result.cached_count
         ids = pa.array([row.id for row in chunk.rows], type=reader.id_type)
@@ -372,6 +391,7 @@ async def embed_file(
     on_error: OnError,
     console: Console,
     quiet: bool,
+    request: RequestOptions | None = None,
 ) -> JobReport:
     """Open the process's runtime (model, cache, batcher), run one job, close it."""
     from embedpipe.runtime import Runtime
@@ -387,6 +407,7 @@ async def embed_file(
             id_field=id_field,
             chunk_size=chunk_size,
             on_error=on_error,
+            request=request or RequestOptions(),
         )
         warned = 0
 
@@ -403,6 +424,7 @@ async def embed_file(
             runtime.service,
             job,
             max_queue_texts=settings.batching.max_queue_texts,
+            limits=settings.limits,
             on_bad_row=warn,
         )
         if quiet:

@@ -44,6 +44,7 @@ from embedpipe.datasets.formats import (
     open_reader,
     open_writer,
 )
+from embedpipe.datasets.options import RequestOptions
 from embedpipe.datasets.progress import JobReport, ProgressUpdate
 from embedpipe.datasets.workdir import atomic_write, file_identity, fsync_dir
 from embedpipe.errors import DatasetError
@@ -74,6 +75,7 @@ class RemoteJob:
     batch_rows: int = DEFAULT_BATCH_ROWS
     batch_bytes: int = DEFAULT_BATCH_BYTES
     poll_seconds: float = 1.0
+    request: RequestOptions = field(default_factory=RequestOptions)
 
     @property
     def state_path(self) -> Path:
@@ -105,6 +107,7 @@ def run_remote_job(
         "on_error": job.on_error,
         "batch_rows": job.batch_rows,
         "batch_bytes": job.batch_bytes,
+        **job.request.fields,
     }
     job_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     state = _read_state(job.state_path)
@@ -254,7 +257,7 @@ def _segments(reader: RowReader, job: RemoteJob, model: str) -> Iterator[_Segmen
                 )
             segment.bad.append(row)
             continue
-        line = _request_line(row, model)
+        line = _request_line(row, model, job.request.fields)
         full = segment.rows >= job.batch_rows
         if segment.rows and (full or segment.lines.tell() + len(line) > job.batch_bytes):
             yield segment
@@ -265,8 +268,8 @@ def _segments(reader: RowReader, job: RemoteJob, model: str) -> Iterator[_Segmen
         yield segment
 
 
-def _request_line(row: Row, model: str) -> bytes:
-    body = {"model": model, "input": row.text, "encoding_format": "base64"}
+def _request_line(row: Row, model: str, fields: dict[str, str]) -> bytes:
+    body = {"model": model, "input": row.text, "encoding_format": "base64", **fields}
     request = {"custom_id": str(row.id), "method": "POST", "url": "/v1/embeddings", "body": body}
     return json.dumps(request, ensure_ascii=False).encode() + b"\n"
 

@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 # Which end of a text past the model's window is cut (TEI's truncation_direction).
 Truncation = Literal["right", "left"]
+# A text past the window: "truncate" cuts it there (the default); "mean" embeds it as the
+# token-weighted mean of its windows.
+LongText = Literal["truncate", "mean"]
 
 
 class TextTokenizer:

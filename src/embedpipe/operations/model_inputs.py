@@ -21,19 +21,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from embedpipe.embedders.base import TextForm
-from embedpipe.embedders.tokens import TextTokenizer, Truncation
+from embedpipe.embedders.tokens import LongText, TextTokenizer, Truncation
 from embedpipe.errors import InvalidInput
 from embedpipe.service import EmbeddingService, EmbedResult, Source
 from embedpipe.settings import LimitsSettings
-
-# "truncate": a text past the window is cut there (the default); "mean": it is embedded as
-# the token-weighted mean of its windows.
-LongText = Literal["truncate", "mean"]
 
 T = TypeVar("T")
 

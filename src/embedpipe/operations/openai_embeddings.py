@@ -21,9 +21,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from embedpipe.embedders.prompts import InputType
-from embedpipe.embedders.tokens import Truncation
+from embedpipe.embedders.tokens import LongText, Truncation
 from embedpipe.inputs import TokenDecoder, normalize_input
-from embedpipe.operations.model_inputs import InputOptions, LongText, ModelInputs, model_inputs
+from embedpipe.operations.model_inputs import InputOptions, ModelInputs, model_inputs
 from embedpipe.service import EmbeddingService, EmbedResult
 from embedpipe.settings import LimitsSettings
 from embedpipe.vectors import check_dimensions, to_base64, truncate
