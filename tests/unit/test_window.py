@@ -50,18 +50,6 @@ def _texts(seed: int) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_the_cut_text_gives_the_same_tokens(tokenizer: Any, model_view: Any, seed: int) -> None:
-    clipper = WindowClipper(tokenizer, WINDOW)
-    cut_any = False
-    for text in _texts(seed):
-        cut = clipper.clip(text)
-        assert text.startswith(cut)
-        assert model_view.encode(cut).ids == model_view.encode(text).ids, len(text)
-        cut_any |= len(cut) < len(text)
-    assert cut_any
-
-
 @pytest.fixture(scope="module")
 def left_view(tokenizer: Any) -> Any:
     """What the model sees when it truncates on the left: the last window of tokens."""
@@ -71,16 +59,19 @@ def left_view(tokenizer: Any) -> Any:
     return view
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_the_left_cut_text_gives_the_same_last_tokens(
-    tokenizer: Any, left_view: Any, seed: int
+def test_the_cut_text_gives_the_same_tokens(
+    tokenizer: Any, model_view: Any, left_view: Any, seed: int, side: str
 ) -> None:
+    """``right`` keeps a text's start (its first window), ``left`` its end (its last)."""
     clipper = WindowClipper(tokenizer, WINDOW)
+    cut_of, view = (clipper.clip, model_view) if side == "right" else (clipper.clip_left, left_view)
     cut_any = False
     for text in _texts(seed):
-        cut = clipper.clip_left(text)
-        assert text.endswith(cut)
-        assert left_view.encode(cut).ids == left_view.encode(text).ids, len(text)
+        cut = cut_of(text)
+        assert text.startswith(cut) if side == "right" else text.endswith(cut)
+        assert view.encode(cut).ids == view.encode(text).ids, len(text)
         cut_any |= len(cut) < len(text)
     assert cut_any
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, Vectors, fingerprint_of
+from embedpipe.embedders.local_text import LocalText
 from embedpipe.embedders.onnx_export import (
     MODEL_FILE,
     Variant,
@@ -19,21 +20,14 @@ from embedpipe.embedders.onnx_export import (
     read_metadata,
 )
 from embedpipe.embedders.prompts import ModelPrompts, merged_prompts
-from embedpipe.embedders.sentence_transformers import (
-    checked_weights,
-    long_text_tokenizer,
-    read_json,
-    token_counter,
-)
-from embedpipe.embedders.tokens import TextTokenizer, Truncation
-from embedpipe.embedders.window import WindowClipper
+from embedpipe.embedders.sentence_transformers import checked_weights, read_json
 from embedpipe.errors import InvalidInput, ModelLoadError
 from embedpipe.settings import ModelOptions
 
 log = logging.getLogger("embedpipe.model")
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(LocalText):
     """One ONNX Runtime session per served model, called from the model's own thread.
 
     ``threads``: intra-op threads of one inference; ``spin``: let idle pool threads
@@ -76,12 +70,9 @@ class OnnxEmbedder:
             source=str(model_dir),
             weights_sha256=weights_sha256,
         )
-        self._counter = token_counter(self._tokenizer, self._info.max_tokens)
-        self._clipper = WindowClipper(self._tokenizer.backend_tokenizer, self._info.max_tokens)
-        self._tokens = long_text_tokenizer(
-            self._tokenizer.backend_tokenizer, self._info.max_tokens, options
-        )
-        self._prompts = _prompts_of(model_dir, options)
+        # Counts never use self._tokenizer: they must not race embed()'s padding settings.
+        prompts = _prompts_of(model_dir, options)
+        self._init_text(self._tokenizer, self._info.max_tokens, options, prompts)
         # Never torch's fingerprint: fp32 vectors differ from torch's by ~3e-7 and int8 by
         # up to a few percent, so each backend and variant caches under its own key.
         identity = {
@@ -112,24 +103,6 @@ class OnnxEmbedder:
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
-
-    @property
-    def prompts(self) -> ModelPrompts:
-        return self._prompts
-
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        return self._tokens
-
-    def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
-        # Not self._tokenizer: a count must not race embed()'s padding settings (see
-        # token_counter).
-        encoded = self._counter.encode_batch([form.prompt + text for text in texts])
-        return [len(encoding.ids) for encoding in encoded]
-
-    def clip(self, texts: Sequence[str], truncation: Truncation = "right") -> list[str]:
-        cut = self._clipper.clip if truncation == "right" else self._clipper.clip_left
-        return [cut(text) for text in texts]
 
     def embed(self, texts: Sequence[str], form: TextForm = PLAIN) -> Vectors:
         if not texts:

@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 
 from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, Vectors, fingerprint_of
-from embedpipe.embedders.prompts import ModelPrompts, merged_prompts
-from embedpipe.embedders.tokens import TextTokenizer, Truncation
-from embedpipe.embedders.window import WindowClipper
+from embedpipe.embedders.local_text import LocalText
+from embedpipe.embedders.prompts import merged_prompts
 from embedpipe.errors import InvalidInput, ModelLoadError
 from embedpipe.settings import ModelOptions
 
@@ -40,21 +39,6 @@ def weights_file(model_dir: Path) -> Path:
     raise ModelLoadError(f"no weights ({' or '.join(_WEIGHT_FILES)}) under {model_dir}")
 
 
-def token_counter(tokenizer: Any, max_tokens: int) -> Any:
-    """A private copy of the model's Rust tokenizer, truncating at the window, never padding.
-
-    Counting must not use the model's own tokenizer: a transformers tokenizer call sets
-    padding and truncation on the shared Rust object, so a count on the event loop racing an
-    ``encode`` on the model thread can leave that batch unpadded ("Unable to create tensor").
-    The copy's settings are fixed here once; encoding with it only reads it."""
-    from tokenizers import Tokenizer
-
-    counter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    counter.no_padding()
-    counter.enable_truncation(max_length=max_tokens)
-    return counter
-
-
 def checked_weights(name: str, model_dir: Path, expected_sha256: str | None) -> str:
     """The sha256 of the model's weights; ModelLoadError when they are not the expected ones."""
     weights = weights_file(model_dir)
@@ -67,19 +51,6 @@ def checked_weights(name: str, model_dir: Path, expected_sha256: str | None) -> 
     return weights_sha256
 
 
-def long_text_tokenizer(tokenizer: Any, max_tokens: int, options: ModelOptions) -> TextTokenizer:
-    """The model's TextTokenizer, with its long-text windows from ``options``."""
-    window = options.long_text_window_tokens or max_tokens
-    if not 0 < window <= max_tokens or options.long_text_overlap_tokens >= window // 2:
-        raise ModelLoadError(
-            f"long-text window {window} and overlap {options.long_text_overlap_tokens} do not "
-            f"fit a window of {max_tokens} tokens (overlap under half the window)"
-        )
-    return TextTokenizer(
-        tokenizer, max_tokens, window_tokens=window, overlap_tokens=options.long_text_overlap_tokens
-    )
-
-
 def pooling_includes_prompt(model: Any) -> bool:
     """False when a Pooling module leaves the prompt's tokens out (``include_prompt``)."""
     return all(getattr(module, "include_prompt", True) for module in model)
@@ -89,7 +60,7 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-class SentenceTransformerEmbedder:
+class SentenceTransformerEmbedder(LocalText):
     """Wraps (never subclasses) ``SentenceTransformer``; one instance per served model."""
 
     def __init__(
@@ -109,7 +80,7 @@ class SentenceTransformerEmbedder:
         self._model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
         self._model.eval()
         try:
-            self._prompts = merged_prompts(
+            prompts = merged_prompts(
                 self._model.prompts,
                 self._model.default_prompt_name,
                 options.prompts,
@@ -122,11 +93,7 @@ class SentenceTransformerEmbedder:
         dimensions = self._model.get_embedding_dimension()
         if not max_tokens or not dimensions:
             raise ModelLoadError(f"{model_dir} declares no window or no embedding dimension")
-        self._counter = token_counter(self._model.tokenizer, max_tokens)
-        self._clipper = WindowClipper(self._model.tokenizer.backend_tokenizer, max_tokens)
-        self._tokens = long_text_tokenizer(
-            self._model.tokenizer.backend_tokenizer, max_tokens, options
-        )
+        self._init_text(self._model.tokenizer, max_tokens, options, prompts)
         self._info = ModelInfo(
             name=name,
             backend="sentence-transformers",
@@ -162,22 +129,6 @@ class SentenceTransformerEmbedder:
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
-
-    @property
-    def prompts(self) -> ModelPrompts:
-        return self._prompts
-
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        return self._tokens
-
-    def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
-        encoded = self._counter.encode_batch([form.prompt + text for text in texts])
-        return [len(encoding.ids) for encoding in encoded]
-
-    def clip(self, texts: Sequence[str], truncation: Truncation = "right") -> list[str]:
-        cut = self._clipper.clip if truncation == "right" else self._clipper.clip_left
-        return [cut(text) for text in texts]
 
     def embed(self, texts: Sequence[str], form: TextForm = PLAIN) -> Vectors:
         """On the model's thread only: ``left`` sets the shared tokenizer's side for this
