@@ -3,11 +3,17 @@ model's default; and what a model without prompts does with them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
+from embedpipe.embedders import ModelSpec
 from embedpipe.embedders.base import TextForm
 from embedpipe.embedders.prompts import INPUT_TYPES, ModelPrompts, merged_prompts
 from embedpipe.errors import InvalidInput
+from embedpipe.settings import Settings
+from embedpipe.upstream import describe_upstream
 
 E5 = ModelPrompts({"query": "query: ", "passage": "passage: ", "document": ""})
 
@@ -68,3 +74,15 @@ def test_each_form_has_its_own_key_and_the_plain_form_keeps_the_old_ones() -> No
     ]
     assert suffixes[0] == ""
     assert len(set(suffixes)) == len(suffixes)
+
+
+def test_an_upstream_model_takes_its_prompts_from_the_settings(tmp_path: Path) -> None:
+    """Prepended to its texts (an upstream's pooling sees them): its cache key is the text's."""
+    settings = Settings(
+        data_dir=tmp_path, model_options={"small": {"prompts": {"query": "query: "}}}
+    )
+    spec = ModelSpec(name="small", source="text-embedding-3-small", backend="openai")
+    prompts = describe_upstream(spec, settings).prompts
+    assert prompts.resolve("search_query") == "query: " and prompts.in_pooling
+    plain = describe_upstream(replace(spec, name="other"), settings).prompts
+    assert plain.resolve("query") == ""

@@ -13,6 +13,7 @@ from embedpipe.batcher import MicroBatcher
 from embedpipe.cache import MemoryTier, TieredCache
 from embedpipe.cache.sqlite import SqliteTier
 from embedpipe.embedders import ModelRegistry, ModelSpec
+from embedpipe.embedders.base import TextForm
 from embedpipe.errors import ModelNotFound
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import BatchingSettings, CacheSettings
@@ -159,3 +160,25 @@ async def test_a_corrupt_or_foreign_l2_entry_is_a_miss_never_served(tmp_path: Pa
     finally:
         await batcher.stop()
         await cache.close()
+
+
+async def test_each_text_form_has_its_own_entries_and_model_calls(harness: Harness) -> None:
+    """A prompt kept apart from the text, or the other truncation side, is another vector:
+    never served from the plain form's entry, and texts of several forms that meet in one
+    batch are computed in one model call per form."""
+    apart = TextForm(prompt="query: ")
+    left = TextForm(truncation="left")
+    plain, prompted, cut_left = await asyncio.gather(
+        harness.service.embed("fake", ["text"]),
+        harness.service.embed("fake", ["text"], form=apart),
+        harness.service.embed("fake", ["text"], form=left),
+    )
+    np.testing.assert_allclose(prompted.vectors[0], vector_for("query: text"))
+    np.testing.assert_allclose(plain.vectors[0], vector_for("text"))
+    assert [result.sources for result in (plain, prompted, cut_left)] == [["computed"]] * 3
+    assert harness.computed() == ["text", "text", "text"]
+    again = await harness.service.embed("fake", ["text"], form=apart)
+    assert again.sources == ["l1"]
+    np.testing.assert_array_equal(again.vectors, prompted.vectors)
+    counts = await harness.service.count_tokens("fake", ["text"], apart)
+    assert counts == [4]  # the prompt's tokens count: "query:" "text" + 2 specials

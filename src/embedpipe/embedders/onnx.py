@@ -140,7 +140,8 @@ def _prompts_of(model_dir: Path, options: ModelOptions) -> ModelPrompts:
         )
     try:
         return merged_prompts(
-            config.get("prompts") or {},
+            # As sentence-transformers loads them: "query" and "document" always exist.
+            {"query": None, "document": None, **(config.get("prompts") or {})},
             config.get("default_prompt_name"),
             options.prompts,
             options.default_prompt_name,
