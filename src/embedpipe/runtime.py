@@ -51,6 +51,9 @@ class Runtime:
         """Build everything; if any step fails, close what the earlier steps opened."""
         async with AsyncExitStack() as stack:
             specs = parse_model_specs(settings.model, settings.extra_models, settings.backend)
+            # Options are looked up by a model's own name (not an alias): a typo would be lost.
+            for name in sorted(set(settings.model_options) - {spec.name for spec in specs}):
+                log.warning("EMBEDPIPE_MODEL_OPTIONS names %r, not a served model's name", name)
             # A process serving only upstream models runs no model: it never loads torch.
             local = any(spec.backend != "openai" for spec in specs)
             threads = (
