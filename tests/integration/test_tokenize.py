@@ -4,6 +4,7 @@ truncation rules as the embeddings."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -112,3 +113,30 @@ def test_bad_tokenize_requests_get_their_4xx(
     reply = http.post("/tokenize", json=body)
     assert reply.status_code == status, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+def test_tokenize_has_the_keys_budgets_and_size_limits_of_the_other_routes(
+    tmp_path: Path,
+) -> None:
+    """Its tokens are charged to the same budget as the embeddings'."""
+    key = "ep-tokenize-test-key-0123456789"
+    env = {
+        "EMBEDPIPE_DATA_DIR": str(tmp_path / "data"),
+        "EMBEDPIPE_REDIS_URL": "",
+        "EMBEDPIPE_API_KEYS": key,
+        "EMBEDPIPE_RATE_LIMIT_TPM": "400",
+        "EMBEDPIPE_LIMITS__MAX_BODY_BYTES": "65536",
+    }
+    with ServerProcess(env, tmp_path / "server.log").start() as server:
+        text = "word " * 200  # 202 tokens with [CLS] and [SEP]
+        assert httpx.post(f"{server.url}/tokenize", json={"inputs": text}).status_code == 401
+        auth = {"Authorization": f"Bearer {key}"}
+        reply = httpx.post(f"{server.url}/tokenize", json={"inputs": text}, headers=auth)
+        assert reply.status_code == 200, reply.text
+        assert len(reply.json()[0]) == 202
+        assert int(reply.headers["x-ratelimit-remaining-tokens"]) <= 400 - 202
+        embed = {"model": MODEL, "input": text}
+        over = httpx.post(f"{server.url}/v1/embeddings", json=embed, headers=auth)
+        assert over.status_code == 429, over.text
+        big = {"inputs": "a" * 70_000}
+        assert httpx.post(f"{server.url}/tokenize", json=big, headers=auth).status_code == 413
