@@ -51,11 +51,14 @@ class Runtime:
         """Build everything; if any step fails, close what the earlier steps opened."""
         async with AsyncExitStack() as stack:
             specs = parse_model_specs(settings.model, settings.extra_models, settings.backend)
-            # A process serving only upstream models runs no model: it never loads torch.
-            local = any(spec.backend != "openai" for spec in specs)
-            threads = (
-                await asyncio.to_thread(configure_threads, settings.model_threads) if local else 0
-            )
+            # torch is loaded only for a model on the torch backend: a process serving ONNX
+            # exports or upstream models never imports it.
+            backends = {spec.backend for spec in specs}
+            threads = 0
+            if backends - {"openai"}:
+                threads = await asyncio.to_thread(
+                    configure_threads, settings.model_threads, torch="torch" in backends
+                )
             # Opened first, closed last: batchers that are stopping still write back to it.
             cache = await open_cache(settings)
             stack.push_async_callback(cache.close)
@@ -93,8 +96,8 @@ class Runtime:
                 models=[(embedder.info.name, embedder.info.upstream) for embedder in registry],
                 tiers=[cache.l2.name] if cache.l2 is not None else [],
             )
-            # What is loaded now (torch, transformers, the models: ~500k objects) lives as long
-            # as the process. Frozen, the cyclic GC stops walking it in every full collection,
+            # What is loaded now (the models; with torch, transformers: ~500k objects) lives as
+            # long as the process. Frozen, the cyclic GC stops walking it in every full collection,
             # which took ~0.5 s here with every request stalled behind it.
             gc.freeze()
             return cls(

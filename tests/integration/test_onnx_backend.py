@@ -1,9 +1,16 @@
 """The ONNX Runtime backend against the torch reference: the real bundled weights, exported
-once for this module under a temporary data dir, fp32 and int8, in process and in a server."""
+once for this module under a temporary data dir, fp32 and int8, in process and in a server.
+The server, ``embed`` and ``models`` run as processes in which torch, transformers and
+sentence-transformers cannot be imported (tests/torch_free.py): with the export present, the
+ONNX backend needs none of them."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,7 @@ from embedpipe.embedders import Embedder, load_embedder, parse_model_specs
 from embedpipe.settings import Settings
 from tests.integration.conftest import MODEL, assert_same_vectors, reference_vectors
 from tests.server_process import ServerProcess
+from tests.torch_free import forbidden_imports, torch_free_env
 
 pytestmark = [pytest.mark.model]
 
@@ -130,10 +138,17 @@ def test_a_second_load_reuses_the_export(
 
 
 @pytest.fixture(scope="module")
+def guard_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where this module's guarded processes log any import of torch and its kin."""
+    return tmp_path_factory.mktemp("import-guard") / "forbidden-imports.log"
+
+
+@pytest.fixture(scope="module")
 def onnx_server(
-    fp32: Embedder, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    fp32: Embedder, data_dir: Path, guard_log: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """A server on EMBEDPIPE_BACKEND=onnx over this module's data dir (the export is there)."""
+    """A server on EMBEDPIPE_BACKEND=onnx over this module's data dir (the export is there),
+    in a process where torch, transformers and sentence-transformers cannot be imported."""
     root = tmp_path_factory.mktemp("onnx-server")
     server = ServerProcess(
         {
@@ -141,6 +156,7 @@ def onnx_server(
             "EMBEDPIPE_REDIS_URL": "",
             "EMBEDPIPE_BACKEND": "onnx",
             "EMBEDPIPE_LOG_FORMAT": "text",
+            **torch_free_env(guard_log),
         },
         root / "server.log",
     )
@@ -150,8 +166,8 @@ def onnx_server(
 
 
 @pytest.mark.server
-def test_a_server_on_the_onnx_backend_answers_embeddings(
-    onnx_server: ServerProcess, reference_model: Any
+def test_a_server_on_the_onnx_backend_answers_embeddings_without_torch(
+    onnx_server: ServerProcess, guard_log: Path, reference_model: Any
 ) -> None:
     texts = [text for text in TEXTS if text]  # the API refuses empty inputs
     reply = httpx.post(
@@ -167,4 +183,58 @@ def test_a_server_on_the_onnx_backend_answers_embeddings(
     )
     stats = httpx.get(f"{onnx_server.url}/stats", timeout=10).json()
     assert [model["backend"] for model in stats["models"]] == ["onnx"]
-    assert "reusing the ONNX export" in onnx_server.logs()
+    logs = onnx_server.logs()
+    assert "reusing the ONNX export" in logs
+    # Empty because nothing asked, not because the guard was absent: the same environment
+    # does log torch in test_without_an_export_and_without_torch_the_error_says_how_to_make_one.
+    assert forbidden_imports(guard_log) == "", forbidden_imports(guard_log)
+
+
+def _guarded_cli(data_dir: Path, guard_log: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "EMBEDPIPE_DATA_DIR": str(data_dir),
+        "EMBEDPIPE_REDIS_URL": "",
+        "EMBEDPIPE_BACKEND": "onnx",
+        "EMBEDPIPE_MODEL_THREADS": "1",
+        **torch_free_env(guard_log),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "embedpipe", *args],
+        env=env,
+        cwd=data_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_embed_runs_on_the_export_without_torch(
+    fp32: Embedder, data_dir: Path, guard_log: Path, tmp_path: Path, reference_model: Any
+) -> None:
+    texts = [text for text in TEXTS if text]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    output = tmp_path / "out.jsonl"
+    done = _guarded_cli(data_dir, guard_log, "embed", str(source), "-o", str(output), "-q")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert_same_vectors(
+        [row["embedding"] for row in rows], reference_vectors(reference_model, texts)
+    )
+    assert forbidden_imports(guard_log) == "", forbidden_imports(guard_log)
+
+
+def test_without_an_export_and_without_torch_the_error_says_how_to_make_one(
+    guard_log: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "data"
+    empty.mkdir()
+    done = _guarded_cli(empty, tmp_path / "own.log", "models")
+    assert done.returncode != 0
+    assert "no ONNX export" in done.stderr and "embedpipe models" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    # The guard did refuse torch there: the export needs it.
+    assert "imported torch" in forbidden_imports(tmp_path / "own.log")

@@ -1,24 +1,20 @@
 """Local models on ONNX Runtime: an offline export of the same weights (``onnx_export``),
-fp32 or dynamically quantised to int8."""
+fp32 or quantised to int8 (``onnx_int8``). With the export present, nothing here imports
+torch, transformers or sentence-transformers: the tokenizer, window and pooling come from the
+model directory's files (``model_files``), the rest from onnxruntime and ``tokenizers``."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
-from embedpipe.embedders.onnx_export import (
-    MODEL_FILE,
-    Variant,
-    ensure_export,
-    read_metadata,
-)
-from embedpipe.embedders.sentence_transformers import checked_weights, token_counter
+from embedpipe.embedders.model_files import checked_weights, read_model_files, token_counter
+from embedpipe.embedders.onnx_export import MODEL_FILE, Variant, ensure_export, read_metadata
+from embedpipe.embedders.onnx_runner import OnnxRunner
 from embedpipe.embedders.window import WindowClipper
 
 log = logging.getLogger("embedpipe.model")
@@ -42,31 +38,23 @@ class OnnxEmbedder:
         expected_sha256: str | None = None,
     ) -> None:
         weights_sha256 = checked_weights(name, model_dir, expected_sha256)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        files = read_model_files(model_dir)
         export_dir = ensure_export(model_dir, weights_sha256, variant, export_root)
         metadata = read_metadata(export_dir)
-
-        import onnxruntime
-        from transformers import AutoTokenizer
-
-        self._tokenizer = AutoTokenizer.from_pretrained(str(export_dir), local_files_only=True)
-        self._inputs: list[str] = metadata["inputs"]
-        self._session = onnxruntime.InferenceSession(
-            str(export_dir / MODEL_FILE),
-            _session_options(threads, spin),
-            providers=["CPUExecutionProvider"],
+        self._runner = OnnxRunner(
+            export_dir / MODEL_FILE, files, metadata["inputs"], threads=threads, spin=spin
         )
         backend = "onnx" if variant == "fp32" else f"onnx-{variant}"
         self._info = ModelInfo(
             name=name,
             backend=backend,
             dimensions=int(metadata["dimensions"]),
-            max_tokens=int(metadata["max_tokens"]),
+            max_tokens=files.max_tokens,
             source=str(model_dir),
             weights_sha256=weights_sha256,
         )
-        self._counter = token_counter(self._tokenizer, self._info.max_tokens)
-        self._clipper = WindowClipper(self._tokenizer.backend_tokenizer, self._info.max_tokens)
+        self._counter = token_counter(self._runner.tokenizer, files.max_tokens)
+        self._clipper = WindowClipper(self._runner.tokenizer, files.max_tokens)
         # Never torch's fingerprint: fp32 vectors differ from torch's by ~3e-7 and int8 by
         # up to a few percent, so each backend and variant caches under its own key.
         identity = {
@@ -74,8 +62,7 @@ class OnnxEmbedder:
             "backend": backend,
             "export": export_dir.name,
             "int8_recipe": metadata.get("int8_recipe"),
-            "normalize": True,
-            "max_tokens": self._info.max_tokens,
+            **files.identity(),
             "prompt": "",
         }
         self._fingerprint = fingerprint_of(identity)
@@ -99,8 +86,7 @@ class OnnxEmbedder:
         return self._fingerprint
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        # Not self._tokenizer: a count must not race embed()'s padding settings (see
-        # token_counter).
+        # A private copy of the tokenizer: a count on the event loop never races embed().
         return [len(encoding.ids) for encoding in self._counter.encode_batch(list(texts))]
 
     def clip(self, texts: Sequence[str]) -> list[str]:
@@ -109,34 +95,4 @@ class OnnxEmbedder:
     def embed(self, texts: Sequence[str]) -> Vectors:
         if not texts:
             return np.empty((0, self._info.dimensions), dtype=np.float32)
-        # As sentence-transformers does: truncate at the window, pad to the batch's longest.
-        features = self._tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self._info.max_tokens,
-            return_tensors="np",
-        )
-        feed = {name: features[name].astype(np.int64, copy=False) for name in self._inputs}
-        vectors = np.asarray(self._session.run(None, feed)[0], dtype=np.float32)
-        # The graph normalises already (the model's Normalize module); a model directory
-        # without one must still give unit vectors, as the torch backend does.
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
-
-
-def _session_options(threads: int, spin: bool) -> Any:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    # One inference at a time per model (the batcher): all cores inside one run, no
-    # parallel branches between runs.
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle pool threads busy-wait for work by default. On a few cores shared with the event
-    # loop (tokenising, JSON) that steals the CPU the rest of the request path needs
-    # (make bench-backends --threads measures both).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    return options
+        return self._runner.embed(texts)

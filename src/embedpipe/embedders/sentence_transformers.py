@@ -2,70 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
+from embedpipe.embedders.model_files import checked_weights, read_json, token_counter
 from embedpipe.embedders.window import WindowClipper
 from embedpipe.errors import ModelLoadError
 
 log = logging.getLogger("embedpipe.model")
-
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_file(model_dir: Path) -> Path:
-    for name in _WEIGHT_FILES:
-        candidate = model_dir / name
-        if candidate.is_file():
-            return candidate
-    raise ModelLoadError(f"no weights ({' or '.join(_WEIGHT_FILES)}) under {model_dir}")
-
-
-def token_counter(tokenizer: Any, max_tokens: int) -> Any:
-    """A private copy of the model's Rust tokenizer, truncating at the window, never padding.
-
-    Counting must not use the model's own tokenizer: a transformers tokenizer call sets
-    padding and truncation on the shared Rust object, so a count on the event loop racing an
-    ``encode`` on the model thread can leave that batch unpadded ("Unable to create tensor").
-    The copy's settings are fixed here once; encoding with it only reads it."""
-    from tokenizers import Tokenizer
-
-    counter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    counter.no_padding()
-    counter.enable_truncation(max_length=max_tokens)
-    return counter
-
-
-def checked_weights(name: str, model_dir: Path, expected_sha256: str | None) -> str:
-    """The sha256 of the model's weights; ModelLoadError when they are not the expected ones."""
-    weights = weights_file(model_dir)
-    weights_sha256 = file_sha256(weights)
-    if expected_sha256 and weights_sha256 != expected_sha256:
-        raise ModelLoadError(
-            f"weights of {name} at {weights} have sha256 {weights_sha256}, "
-            f"expected {expected_sha256}"
-        )
-    return weights_sha256
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 class SentenceTransformerEmbedder:
@@ -91,7 +40,7 @@ class SentenceTransformerEmbedder:
         dimensions = self._model.get_embedding_dimension()
         if not max_tokens or not dimensions:
             raise ModelLoadError(f"{model_dir} declares no window or no embedding dimension")
-        self._counter = token_counter(self._model.tokenizer, max_tokens)
+        self._counter = token_counter(self._model.tokenizer.backend_tokenizer, max_tokens)
         self._clipper = WindowClipper(self._model.tokenizer.backend_tokenizer, max_tokens)
         self._info = ModelInfo(
             name=name,
@@ -104,8 +53,8 @@ class SentenceTransformerEmbedder:
         identity = {
             "weights": weights_sha256,
             "backend": self._info.backend,
-            "pooling": _read_json(model_dir / "1_Pooling" / "config.json"),
-            "modules": _read_json(model_dir / "modules.json"),
+            "pooling": read_json(model_dir / "1_Pooling" / "config.json"),
+            "modules": read_json(model_dir / "modules.json"),
             "normalize": True,
             "max_tokens": max_tokens,
             "prompt": prompt,

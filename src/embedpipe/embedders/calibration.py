@@ -1,0 +1,35 @@
+"""Texts that ship with every CPython (the Python documentation ``help()`` reads,
+``pydoc_data.topics``), for the int8 export: one half calibrates its activation ranges, the
+other half is its fidelity gate. Disjoint, in a fixed order, so every machine gets the same
+export and the gate never grades the texts it was calibrated on."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+_MIN_CHARS = 40
+_MAX_CHARS = 1_500
+
+
+@functools.cache
+def _paragraphs() -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    found: dict[str, None] = {}
+    for _, page in sorted(topics.items()):
+        for paragraph in re.split(r"\n\s*\n", page):
+            text = " ".join(paragraph.split())
+            if _MIN_CHARS <= len(text) <= _MAX_CHARS:
+                found[text] = None
+    return tuple(found)
+
+
+def calibration_texts(count: int = 256) -> list[str]:
+    """Every other paragraph, from the first: the activation ranges of a static int8 export."""
+    return list(_paragraphs()[0::2][:count])
+
+
+def gate_texts(count: int = 256) -> list[str]:
+    """Every other paragraph, from the second: never calibrated on."""
+    return list(_paragraphs()[1::2][:count])
