@@ -13,7 +13,15 @@ import numpy as np
 
 from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
 from embedpipe.embedders.model_files import checked_weights, read_model_files, token_counter
-from embedpipe.embedders.onnx_export import MODEL_FILE, Variant, ensure_export, read_metadata
+from embedpipe.embedders.onnx_export import (
+    MODEL_FILE,
+    Variant,
+    export_fp32,
+    export_id,
+    publish,
+    read_metadata,
+)
+from embedpipe.embedders.onnx_int8 import quantize_int8
 from embedpipe.embedders.onnx_runner import OnnxRunner
 from embedpipe.embedders.window import WindowClipper
 
@@ -96,3 +104,12 @@ class OnnxEmbedder:
         if not texts:
             return np.empty((0, self._info.dimensions), dtype=np.float32)
         return self._runner.embed(texts)
+
+
+def ensure_export(model_dir: Path, weights_sha256: str, variant: Variant, root: Path) -> Path:
+    """The directory of the ``variant`` export of the model in ``model_dir``, built on first use."""
+    identity = export_id(model_dir, weights_sha256)
+    fp32 = publish(root / f"{identity}-fp32", lambda out: export_fp32(model_dir, out))
+    if variant == "fp32":
+        return fp32
+    return publish(root / f"{identity}-int8", lambda out: quantize_int8(model_dir, fp32, out))

@@ -75,17 +75,6 @@ def export_id(model_dir: Path, weights_sha256: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def ensure_export(model_dir: Path, weights_sha256: str, variant: Variant, root: Path) -> Path:
-    """The directory of the ``variant`` export of the model in ``model_dir``, built on first use."""
-    from embedpipe.embedders.onnx_int8 import quantize_int8
-
-    identity = export_id(model_dir, weights_sha256)
-    fp32 = publish(root / f"{identity}-fp32", lambda out: _export_fp32(model_dir, out))
-    if variant == "fp32":
-        return fp32
-    return publish(root / f"{identity}-int8", lambda out: quantize_int8(model_dir, fp32, out))
-
-
 def publish(target: Path, build: Callable[[Path], None]) -> Path:
     """``target`` as ``build`` fills it, built at most once however many processes ask."""
     if (target / METADATA_FILE).is_file():
@@ -163,7 +152,7 @@ def probe_vectors(export_dir: Path, files: ModelFiles, texts: Sequence[str]) -> 
     return np.concatenate([runner.embed(batch) for batch in [texts, *([t] for t in texts)]])
 
 
-def _export_fp32(model_dir: Path, out: Path) -> None:
+def export_fp32(model_dir: Path, out: Path) -> None:
     """Trace the model's transformer into one graph with a dynamic batch and sequence length,
     ending at its token vectors, and check the whole pipeline (with pooling and normalisation
     from the model's files, as served) against sentence-transformers.
