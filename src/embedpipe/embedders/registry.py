@@ -88,7 +88,7 @@ def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
         return OnnxEmbedder(
             spec.name,
             path,
-            export_root=settings.data_dir / "onnx",
+            export_root=settings.onnx_export_dir or settings.data_dir / "onnx",
             variant="int8" if settings.onnx_quantize == "int8" else "fp32",
             threads=settings.model_threads or available_cores(),
             expected_sha256=expected_sha256,
