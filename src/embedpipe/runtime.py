@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from embedpipe import metrics
 from embedpipe.batcher import Batcher, MicroBatcher
 from embedpipe.cache import TieredCache, open_cache
-from embedpipe.embedders import ModelRegistry, configure_threads, load_embedder, parse_model_specs
+from embedpipe.embedders import (
+    Embedder,
+    ModelRegistry,
+    configure_threads,
+    load_embedder,
+    parse_model_specs,
+)
 from embedpipe.inputs import TokenDecoder
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.service import EmbeddingService
@@ -27,6 +33,16 @@ from embedpipe.settings import Settings
 from embedpipe.tenancy import cache_per_tenant
 
 log = logging.getLogger("embedpipe")
+
+
+def warm_up(embedder: Embedder, max_batch_tokens: int) -> None:
+    """Run the model before the process says it is ready: a first call allocates and is
+    several times slower than the rest, and so is the first call of a larger shape (ONNX
+    Runtime grows its memory arena then). So: two short texts, then one full call of the
+    batcher's largest shape (texts at the window, up to the token budget)."""
+    embedder.embed(["warm up the model", "a second text"])
+    window = embedder.info.max_tokens
+    embedder.embed(["warm up " * window] * max(1, max_batch_tokens // window))
 
 
 @dataclass
@@ -76,9 +92,7 @@ class Runtime:
                     registry.add(spec, upstream)
                 else:
                     embedder = await asyncio.to_thread(load_embedder, spec, settings)
-                    # Warm up: the first call allocates and is several times slower than the
-                    # rest.
-                    await asyncio.to_thread(embedder.embed, ["warm up the model", "a second text"])
+                    await asyncio.to_thread(warm_up, embedder, settings.batching.max_batch_tokens)
                     registry.add(spec, embedder)
                     batcher = MicroBatcher(embedder, settings.batching)
                     stack.push_async_callback(batcher.stop)

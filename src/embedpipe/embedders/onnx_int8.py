@@ -10,8 +10,12 @@ A recipe says which MatMuls become int8 and how their activations are scaled:
   quantised to int8 per row and block too, so one outlier channel or token spoils one block,
   not the whole tensor.
 
-Some MatMuls are sensitive (the FFN's output projection reads GELU's long-tailed activations)
-and can stay fp32. ``benchmarks/int8.py`` measures each recipe's speed and fidelity
+``smooth`` (alpha > 0) first moves the activations' outlier channels into the weights, as
+SmoothQuant does: each MatMul's input channel j is divided by s_j = max|x_j|^alpha /
+max|W_j|^(1 - alpha) (a Mul on the MatMuls' own branch, ranges from the calibration texts) and
+its weight row multiplied by s_j, so one per-tensor activation scale fits every channel. Some
+MatMuls are sensitive (the FFN's output projection reads GELU's long-tailed activations) and
+can stay fp32. ``benchmarks/int8.py`` measures each recipe's speed and fidelity
 (docs/benchmarks.md).
 """
 
@@ -57,6 +61,7 @@ class Int8Recipe:
     keep_fp32: tuple[str, ...] = ()  # MatMuls whose node name contains one of these
     block_size: int = 32  # blockwise: weights (and activations) per scale
     accuracy_level: int = 4  # blockwise: 4 = int8 activations and int8 products
+    smooth: float = 0.0  # dynamic, static: SmoothQuant's alpha (0 = off)
 
     def record(self) -> dict[str, Any]:
         return {**asdict(self), "keep_fp32": list(self.keep_fp32)}
@@ -122,6 +127,10 @@ def quantize_model(
     )
 
     model = onnx.load(str(source))
+    if recipe.smooth and recipe.kind != "blockwise":
+        _smooth(model, recipe.smooth, files, inputs)
+        source = target.with_name(f"{target.stem}.smoothed.onnx")
+        onnx.save(model, str(source))
     kept = [
         node.name
         for node in model.graph.node
@@ -215,11 +224,66 @@ def _quantize_blockwise(model: Any, recipe: Int8Recipe, kept: set[str]) -> None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
+def _smooth(model: Any, alpha: float, files: ModelFiles, inputs: Sequence[str]) -> None:
+    """SmoothQuant, in place: per group of MatMuls reading one activation, divide that
+    activation's channels by s (a Mul on their own branch) and multiply the weights' rows by s."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    groups: dict[str, list[Any]] = {}
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is not None and len(weight.dims) == 2:
+            groups.setdefault(node.input[0], []).append(node)
+    # Each group's input channel ranges over the calibration texts (the graph's own outputs).
+    probe = onnx_copy(model)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in groups
+    )
+    session = onnxruntime.InferenceSession(
+        probe.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    reader = _CalibrationReader(None, files, inputs, session=session)
+    ranges: dict[str, np.ndarray] = {}
+    while (feed := reader.get_next()) is not None:
+        outputs = session.run(list(groups), feed)
+        for name, value in zip(groups, outputs, strict=True):
+            seen = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            ranges[name] = np.maximum(ranges.get(name, seen), seen)
+    for position, (name, nodes) in enumerate(groups.items()):
+        arrays = [numpy_helper.to_array(weights[node.input[1]]) for node in nodes]
+        weight_range = np.max([np.abs(array).max(axis=1) for array in arrays], axis=0)
+        scale = ranges[name] ** alpha / np.maximum(weight_range, 1e-5) ** (1 - alpha)
+        scale = np.clip(scale, 1e-5, None).astype(np.float32)
+        for node, array in zip(nodes, arrays, strict=True):
+            weights[node.input[1]].CopyFrom(
+                numpy_helper.from_array(array * scale[:, None], node.input[1])
+            )
+        divisor, smoothed = f"smooth_{position}_inverse", f"smooth_{position}_out"
+        graph.initializer.append(numpy_helper.from_array(1.0 / scale, divisor))
+        first = min(list(graph.node).index(node) for node in nodes)
+        graph.node.insert(first, helper.make_node("Mul", [name, divisor], [smoothed]))
+        for node in nodes:
+            node.input[0] = smoothed
+
+
+def onnx_copy(model: Any) -> Any:
+    import onnx
+
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
+
+
 class _CalibrationReader:
     """ONNX Runtime's CalibrationDataReader over the calibration texts, 16 at a time."""
 
-    def __init__(self, source: Path, files: ModelFiles, inputs: Sequence[str]) -> None:
-        runner = OnnxRunner(source, files, inputs)
+    def __init__(
+        self, source: Path | None, files: ModelFiles, inputs: Sequence[str], session: Any = None
+    ) -> None:
+        runner = OnnxRunner(source or Path(), files, inputs, session=session)
         texts = calibration_texts()
         batches = [texts[start : start + 16] for start in range(0, len(texts), 16)]
         self._feeds: Iterator[dict[str, np.ndarray]] = (

@@ -30,13 +30,15 @@ class OnnxRunner:
         *,
         threads: int = 1,
         spin: bool = False,
+        session: Any = None,
     ) -> None:
+        """``session``: an InferenceSession already made (then ``model_path`` is not read)."""
         import onnxruntime
 
         self._files = files
         self._tokenizer = files.tokenizer()
         self._inputs = list(inputs)
-        self._session = onnxruntime.InferenceSession(
+        self._session = session or onnxruntime.InferenceSession(
             str(model_path), session_options(threads, spin), providers=["CPUExecutionProvider"]
         )
 
