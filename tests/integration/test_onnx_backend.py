@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,26 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from openai import OpenAI
 
 from embedpipe.embedders import Embedder, load_embedder, parse_model_specs
 from embedpipe.embedders.onnx_int8 import INT8_GATE, Int8Recipe, quantize_int8
 from embedpipe.errors import ModelLoadError
 from embedpipe.settings import Settings
+from tests.conftest import require_redis_server
+from tests.integration.batch_helpers import (
+    read_lines,
+    request_line,
+    submit,
+    texts_for,
+    vectors_by_custom_id,
+    wait_for,
+)
 from tests.integration.conftest import MODEL, assert_same_vectors, reference_vectors
+from tests.redis_server import RedisServer
 from tests.server_process import ServerProcess
 from tests.torch_free import forbidden_imports, torch_free_env
+from tests.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.model]
 
@@ -264,3 +277,41 @@ def test_without_an_export_and_without_torch_the_error_says_how_to_make_one(
     assert "Traceback" not in done.stderr
     # The guard did refuse torch there: the export needs it.
     assert "imported torch" in forbidden_imports(tmp_path / "own.log")
+
+
+@pytest.mark.redis
+@pytest.mark.server
+def test_a_celery_worker_runs_batches_on_the_export_without_torch(
+    fp32: Embedder, data_dir: Path, guard_log: Path, tmp_path: Path, reference_model: Any
+) -> None:
+    """The Batch API with its chunks on a Celery worker: API and worker both on the onnx
+    backend, both unable to import torch."""
+    require_redis_server()
+    with RedisServer.start_new(tmp_path / "redis") as redis:
+        env = {
+            "EMBEDPIPE_REDIS_URL": redis.url,
+            "EMBEDPIPE_BACKEND": "onnx",
+            "EMBEDPIPE_ONNX_EXPORT_DIR": str(data_dir / "onnx"),
+            "EMBEDPIPE_DATA_DIR": str(tmp_path / "shared"),
+            "EMBEDPIPE_JOBS__QUEUE": f"embedpipe-onnx-{uuid.uuid4().hex[:8]}",
+            "EMBEDPIPE_JOBS__CHUNK_SIZE": "10",
+            **torch_free_env(guard_log),
+        }
+        with ServerProcess(env, tmp_path / "api.log") as api:
+            api.start()
+            worker = WorkerProcess(env, tmp_path / "worker.log", f"onnx@{tmp_path.name}").start()
+            client = OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+            try:
+                texts = texts_for(30, "onnx-worker")
+                lines = [request_line(key, text) for key, text in texts.items()]
+                done = wait_for(client, submit(client, lines).id, ("completed",), timeout=180)
+                vectors = vectors_by_custom_id(read_lines(client, done.output_file_id))
+            finally:
+                client.close()
+                worker.stop()
+    assert set(vectors) == set(texts)
+    assert_same_vectors(
+        [vectors[key] for key in texts], reference_vectors(reference_model, list(texts.values()))
+    )
+    assert "run_chunk" in worker.logs() and "succeeded" in worker.logs()
+    assert forbidden_imports(guard_log) == "", forbidden_imports(guard_log)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedpipe.embedders.model_files import read_model_files
+from embedpipe.embedders.model_files import read_model_files, weights_identity
 from embedpipe.embedders.pooling import normalized, pool
 from embedpipe.errors import ModelLoadError
 
@@ -133,3 +133,15 @@ def test_each_mode_is_what_its_name_says() -> None:
     unit = normalized(mean)
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
     assert not normalized(np.zeros((1, 3), dtype=np.float32)).any()  # no division by zero
+
+
+def test_without_its_weights_file_a_model_is_known_by_its_expected_sha256_only(
+    model_copy: Path,
+) -> None:
+    # The slim image: the export holds the weights; the torch weights file was left out.
+    assert weights_identity("m", model_copy, "ab" * 32) == "ab" * 32
+    with pytest.raises(ModelLoadError, match="no weights"):
+        weights_identity("m", model_copy, None)  # nothing says which weights it would be
+    (model_copy / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(ModelLoadError, match="expected"):
+        weights_identity("m", model_copy, "ab" * 32)  # present: always checked

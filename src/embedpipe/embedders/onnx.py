@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
-from embedpipe.embedders.model_files import checked_weights, read_model_files, token_counter
+from embedpipe.embedders.model_files import read_model_files, token_counter, weights_identity
 from embedpipe.embedders.onnx_export import (
     MODEL_FILE,
     Variant,
@@ -45,7 +45,7 @@ class OnnxEmbedder:
         spin: bool = False,
         expected_sha256: str | None = None,
     ) -> None:
-        weights_sha256 = checked_weights(name, model_dir, expected_sha256)
+        weights_sha256 = weights_identity(name, model_dir, expected_sha256)
         files = read_model_files(model_dir)
         export_dir = ensure_export(model_dir, weights_sha256, variant, export_root)
         metadata = read_metadata(export_dir)
