@@ -6,6 +6,7 @@ export and the gate never grades the texts it was calibrated on."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 
 _MIN_CHARS = 40
@@ -33,3 +34,8 @@ def calibration_texts(count: int = 256) -> list[str]:
 def gate_texts(count: int = 256) -> list[str]:
     """Every other paragraph, from the second: never calibrated on."""
     return list(_paragraphs()[1::2][:count])
+
+
+def calibration_digest() -> str:
+    """Identity of the calibration texts (they come with the Python that makes the export)."""
+    return hashlib.sha256("\n".join(calibration_texts()).encode()).hexdigest()[:16]
