@@ -8,6 +8,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from embedpipe.embedders.model_files import ModelFiles
+from embedpipe.embedders.onnx_runner import features
 
 _MIN_CHARS = 40
 _MAX_CHARS = 1_500
@@ -39,3 +45,23 @@ def gate_texts(count: int = 256) -> list[str]:
 def calibration_digest() -> str:
     """Identity of the calibration texts (they come with the Python that makes the export)."""
     return hashlib.sha256("\n".join(calibration_texts()).encode()).hexdigest()[:16]
+
+
+class CalibrationReader:
+    """The calibration texts as model inputs, 16 at a time (the interface of ONNX Runtime's
+    ``CalibrationDataReader``: ``get_next`` until None)."""
+
+    def __init__(self, files: ModelFiles, inputs: Sequence[str]) -> None:
+        tokenizer = files.tokenizer()
+        texts = calibration_texts()
+        self._feeds: Iterator[dict[str, np.ndarray]] = (
+            {
+                name: value
+                for name, value in features(tokenizer, files, inputs, texts[at : at + 16]).items()
+                if name in inputs
+            }
+            for at in range(0, len(texts), 16)
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)

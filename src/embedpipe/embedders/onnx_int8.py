@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from embedpipe.embedders.calibration import calibration_digest, calibration_texts, gate_texts
+from embedpipe.embedders.calibration import CalibrationReader, calibration_digest, gate_texts
 from embedpipe.embedders.model_files import ModelFiles, read_model_files
 from embedpipe.embedders.onnx_export import (
     METADATA_FILE,
@@ -43,6 +43,7 @@ from embedpipe.embedders.onnx_export import (
     write_metadata,
 )
 from embedpipe.embedders.onnx_runner import OnnxRunner
+from embedpipe.embedders.onnx_smoothing import smooth
 from embedpipe.errors import ModelLoadError
 
 log = logging.getLogger("embedpipe.model")
@@ -135,7 +136,7 @@ def quantize_model(
 
     model = onnx.load(str(source))
     if recipe.smooth and recipe.kind != "blockwise":
-        _smooth(model, recipe.smooth, files, inputs)
+        smooth(model, recipe.smooth, files, inputs)
         source = target.with_name(f"{target.stem}.smoothed.onnx")
         onnx.save(model, str(source))
     kept = [
@@ -162,7 +163,7 @@ def quantize_model(
         quantize_static(
             source,
             target,
-            _CalibrationReader(source, files, inputs),
+            CalibrationReader(files, inputs),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types,
             per_channel=recipe.per_channel,
@@ -229,76 +230,6 @@ def _quantize_blockwise(model: Any, recipe: Int8Recipe, kept: set[str]) -> None:
         graph.initializer.remove(tensor)
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-
-
-def _smooth(model: Any, alpha: float, files: ModelFiles, inputs: Sequence[str]) -> None:
-    """SmoothQuant, in place: per group of MatMuls reading one activation, divide that
-    activation's channels by s (a Mul on their own branch) and multiply the weights' rows by s."""
-    import onnxruntime
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    weights = {tensor.name: tensor for tensor in graph.initializer}
-    groups: dict[str, list[Any]] = {}
-    for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is not None and len(weight.dims) == 2:
-            groups.setdefault(node.input[0], []).append(node)
-    # Each group's input channel ranges over the calibration texts (the graph's own outputs).
-    probe = onnx_copy(model)
-    probe.graph.output.extend(
-        helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in groups
-    )
-    session = onnxruntime.InferenceSession(
-        probe.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    reader = _CalibrationReader(None, files, inputs, session=session)
-    ranges: dict[str, np.ndarray] = {}
-    while (feed := reader.get_next()) is not None:
-        outputs = session.run(list(groups), feed)
-        for name, value in zip(groups, outputs, strict=True):
-            seen = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            ranges[name] = np.maximum(ranges.get(name, seen), seen)
-    for position, (name, nodes) in enumerate(groups.items()):
-        arrays = [numpy_helper.to_array(weights[node.input[1]]) for node in nodes]
-        weight_range = np.max([np.abs(array).max(axis=1) for array in arrays], axis=0)
-        scale = ranges[name] ** alpha / np.maximum(weight_range, 1e-5) ** (1 - alpha)
-        scale = np.clip(scale, 1e-5, None).astype(np.float32)
-        for node, array in zip(nodes, arrays, strict=True):
-            weights[node.input[1]].CopyFrom(
-                numpy_helper.from_array(array * scale[:, None], node.input[1])
-            )
-        divisor, smoothed = f"smooth_{position}_inverse", f"smooth_{position}_out"
-        graph.initializer.append(numpy_helper.from_array(1.0 / scale, divisor))
-        first = min(list(graph.node).index(node) for node in nodes)
-        graph.node.insert(first, helper.make_node("Mul", [name, divisor], [smoothed]))
-        for node in nodes:
-            node.input[0] = smoothed
-
-
-def onnx_copy(model: Any) -> Any:
-    import onnx
-
-    copied = onnx.ModelProto()
-    copied.CopyFrom(model)
-    return copied
-
-
-class _CalibrationReader:
-    """ONNX Runtime's CalibrationDataReader over the calibration texts, 16 at a time."""
-
-    def __init__(
-        self, source: Path | None, files: ModelFiles, inputs: Sequence[str], session: Any = None
-    ) -> None:
-        runner = OnnxRunner(source or Path(), files, inputs, session=session)
-        texts = calibration_texts()
-        batches = [texts[start : start + 16] for start in range(0, len(texts), 16)]
-        self._feeds: Iterator[dict[str, np.ndarray]] = (
-            {name: runner.features(batch)[name] for name in inputs} for batch in batches
-        )
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
 
 
 def measure_fidelity(fp32: Path, int8: Path, files: ModelFiles) -> dict[str, Any]:

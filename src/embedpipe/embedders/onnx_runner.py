@@ -30,15 +30,13 @@ class OnnxRunner:
         *,
         threads: int = 1,
         spin: bool = False,
-        session: Any = None,
     ) -> None:
-        """``session``: an InferenceSession already made (then ``model_path`` is not read)."""
         import onnxruntime
 
         self._files = files
         self._tokenizer = files.tokenizer()
         self._inputs = list(inputs)
-        self._session = session or onnxruntime.InferenceSession(
+        self._session = onnxruntime.InferenceSession(
             str(model_path), session_options(threads, spin), providers=["CPUExecutionProvider"]
         )
 
@@ -48,14 +46,7 @@ class OnnxRunner:
         return self._tokenizer
 
     def features(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """The model's inputs for ``texts``: truncated at the window, padded to the longest."""
-        batch = [text.lower() for text in texts] if self._files.do_lower_case else list(texts)
-        encodings = self._tokenizer.encode_batch(batch)
-        return {
-            name: np.array([getattr(item, attribute) for item in encodings], dtype=np.int64)
-            for name, attribute in _FEATURES.items()
-            if name in self._inputs or name == "attention_mask"
-        }
+        return features(self._tokenizer, self._files, self._inputs, texts)
 
     def token_vectors(self, features: dict[str, np.ndarray]) -> np.ndarray:
         feed = {name: features[name] for name in self._inputs}
@@ -66,6 +57,20 @@ class OnnxRunner:
         pooled = pool(self.token_vectors(features), features["attention_mask"], self._files.pooling)
         # Unit vectors even without a Normalize module: the torch backend gives them too.
         return normalized(pooled)
+
+
+def features(
+    tokenizer: Any, files: ModelFiles, inputs: Sequence[str], texts: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The model's inputs for ``texts`` (and always the attention mask, for pooling), from
+    ``files.tokenizer()``: truncated at the window, padded to the longest."""
+    batch = [text.lower() for text in texts] if files.do_lower_case else list(texts)
+    encodings = tokenizer.encode_batch(batch)
+    return {
+        name: np.array([getattr(item, attribute) for item in encodings], dtype=np.int64)
+        for name, attribute in _FEATURES.items()
+        if name in inputs or name == "attention_mask"
+    }
 
 
 def session_options(threads: int, spin: bool) -> Any:
