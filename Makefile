@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: help install run test test-unit test-stack lint typecheck check bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 $(BIN)/embedpipe: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -102,6 +102,16 @@ bench-backends: install  ## torch vs ONNX fp32 vs ONNX int8: texts/s, fidelity, 
 	$(BIN)/python -m benchmarks.backends --threads --budgets 512,1024,2048,4096,16384
 
 .PHONY: bench-backends
+
+bench-int8: install  ## int8 recipes: speed vs torch, cosine and top-10 neighbours on a held corpus
+	$(BIN)/python -m benchmarks.int8 --texts 512 --rounds 2
+
+.PHONY: bench-int8
+
+bench-startup: install  ## per backend: /ready after start, RSS, first request vs steady state
+	$(BIN)/python -m benchmarks.startup --runs 2
+
+.PHONY: bench-startup
 
 bench-batch-fairness: install  ## online p50/p95/max alone and beside a 40,960-text batch in one server, its RSS growth
 	$(BIN)/python -m benchmarks.batch_fairness --lines 20 --inputs 2048

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from rich.console import Console
@@ -31,11 +32,15 @@ from rich.table import Table
 
 from benchmarks.corpus import load_corpus
 from embedpipe.embedders import Embedder, configure_threads, load_embedder, parse_model_specs
+from embedpipe.embedders.onnx_int8 import neighbour_agreement
 from embedpipe.settings import BatchingSettings, Settings
 
 console = Console(width=120)  # tables stay whole when the output is a file or a pipe
 BATCH = 32
-NEIGHBOURS = 10
+
+
+class Embeds(Protocol):
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 @dataclass
@@ -43,7 +48,7 @@ class Contender:
     """One backend at one thread count, timed over every batch it is given, every round."""
 
     label: str
-    embedder: Embedder
+    embedder: Embeds
     threads: int
     seconds: dict[int, list[float]] = field(default_factory=dict)  # batch -> each round's
     sizes: dict[int, int] = field(default_factory=dict)
@@ -137,24 +142,6 @@ def cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     return result
 
 
-def neighbour_agreement(got: np.ndarray, want: np.ndarray, queries: int) -> float:
-    """Mean share of each query's 10 nearest corpus neighbours (itself excluded) that the
-    two sets of vectors agree on."""
-    picks = np.linspace(0, len(want) - 1, num=min(queries, len(want)), dtype=int)
-    shared = 0
-    for query in picks:
-        ours, theirs = (set(_nearest(vectors, query).tolist()) for vectors in (got, want))
-        shared += len(ours & theirs)
-    return shared / (NEIGHBOURS * len(picks))
-
-
-def _nearest(vectors: np.ndarray, query: int) -> np.ndarray:
-    scores = vectors @ vectors[query]
-    scores[query] = -np.inf
-    nearest: np.ndarray = np.argsort(-scores, kind="stable")[:NEIGHBOURS]
-    return nearest
-
-
 def concurrent_rate(call: Callable[[list[str]], object], batches: list[list[str]]) -> float:
     """texts/s with two model calls in flight at once (two threads sharing the batches)."""
     pending = list(reversed(batches))
@@ -209,7 +196,7 @@ def _backends_table(contenders: list[Contender], queries: int) -> Table:
 
 
 def _budget_study(
-    models: tuple[Embedder, Embedder], cores: int, texts: list[str], budgets: list[int], rounds: int
+    models: tuple[Embedder, Embeds], cores: int, texts: list[str], budgets: list[int], rounds: int
 ) -> Table:
     """texts/s of torch and ONNX fp32 per padded-token budget of a model call."""
     table = Table(

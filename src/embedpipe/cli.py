@@ -111,8 +111,10 @@ def serve(
 
 @app.command()
 def models() -> None:
-    """List the models this configuration serves (loads them, offline)."""
+    """List the models this configuration serves (loads them, offline; with the onnx
+    backend, makes the exports that are missing: run it ahead of time, e.g. in an image build)."""
     from embedpipe.embedders import load_embedder, parse_model_specs
+    from embedpipe.errors import EmbedpipeError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings()
@@ -123,7 +125,11 @@ def models() -> None:
 
             info = describe_upstream(spec, settings).info  # no call; dims 0 = not known yet
         else:
-            info = load_embedder(spec, settings).info
+            try:
+                info = load_embedder(spec, settings).info
+            except EmbedpipeError as exc:
+                Console(stderr=True).print(f"[red]error:[/red] {exc.message}", highlight=False)
+                raise typer.Exit(1) from None
         table.add_row(
             info.name,
             ", ".join(spec.aliases),

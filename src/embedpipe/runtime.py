@@ -20,6 +20,7 @@ from embedpipe import metrics
 from embedpipe.batcher import Batcher, MicroBatcher
 from embedpipe.cache import TieredCache, open_cache
 from embedpipe.embedders import (
+    Embedder,
     ModelInfo,
     ModelRegistry,
     configure_threads,
@@ -36,6 +37,17 @@ from embedpipe.settings import Settings
 from embedpipe.tenancy import cache_per_tenant
 
 log = logging.getLogger("embedpipe")
+
+
+def warm_up(embedder: Embedder, max_batch_tokens: int) -> None:
+    """Run the model before the process says it is ready: a first call allocates and is
+    several times slower than the rest, and so is the first call of a larger shape (ONNX
+    Runtime grows its memory arena then). So: two short texts, then one full call of the
+    batcher's largest shape (texts at the window, up to the token budget)."""
+    embedder.embed(_warm_up_inputs(embedder.info))
+    if embedder.info.task == "embed":
+        window = embedder.info.max_tokens
+        embedder.embed(["warm up " * window] * max(1, max_batch_tokens // window))
 
 
 @dataclass
@@ -63,11 +75,14 @@ class Runtime:
             # Options are looked up by a model's own name (not an alias): a typo would be lost.
             for name in sorted(set(settings.model_options) - {spec.name for spec in specs}):
                 log.warning("EMBEDPIPE_MODEL_OPTIONS names %r, not a served model's name", name)
-            # A process serving only upstream models runs no model: it never loads torch.
-            local = any(spec.backend != "openai" for spec in specs)
-            threads = (
-                await asyncio.to_thread(configure_threads, settings.model_threads) if local else 0
-            )
+            # torch is loaded only for a model on the torch backend: a process serving ONNX
+            # exports or upstream models never imports it.
+            backends = {spec.backend for spec in specs}
+            threads = 0
+            if backends - {"openai"}:
+                threads = await asyncio.to_thread(
+                    configure_threads, settings.model_threads, torch="torch" in backends
+                )
             # Opened first, closed last: batchers that are stopping still write back to it.
             cache = await open_cache(settings)
             stack.push_async_callback(cache.close)
@@ -86,9 +101,7 @@ class Runtime:
                     registry.add(spec, upstream)
                 else:
                     embedder = await asyncio.to_thread(load_embedder, spec, settings)
-                    # Warm up: the first call allocates and is several times slower than the
-                    # rest.
-                    await asyncio.to_thread(embedder.embed, _warm_up_inputs(embedder.info))
+                    await asyncio.to_thread(warm_up, embedder, settings.batching.max_batch_tokens)
                     # Before the batcher starts: one inference at a time, in a fixed order.
                     calibrations[spec.name] = await asyncio.to_thread(
                         load_calibration, embedder, settings.data_dir
@@ -111,8 +124,8 @@ class Runtime:
                 rerank_methods=[(model.info.name, rerank_method(model.info)) for model in registry],
                 tiers=[cache.l2.name] if cache.l2 is not None else [],
             )
-            # What is loaded now (torch, transformers, the models: ~500k objects) lives as long
-            # as the process. Frozen, the cyclic GC stops walking it in every full collection,
+            # What is loaded now (the models; with torch, transformers: ~500k objects) lives as
+            # long as the process. Frozen, the cyclic GC stops walking it in every full collection,
             # which took ~0.5 s here with every request stalled behind it.
             gc.freeze()
             return cls(

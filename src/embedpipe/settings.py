@@ -244,9 +244,12 @@ class Settings(BaseSettings):
     # offline from the local weights) or openai (an OpenAI-compatible upstream API).
     backend: Literal["torch", "onnx", "openai"] = "torch"
     # Models on the onnx backend: none = the fp32 export (same vectors as torch, cosine
-    # >= 0.9999), int8 = dynamically quantised (faster, cosine ~0.99; its own cache entries).
-    # Exports live under <data_dir>/onnx/.
+    # >= 0.9999), int8 = quantised (faster, cosine >= 0.995 to fp32 or refused at export; its
+    # own cache entries).
     onnx_quantize: Literal["none", "int8"] = "none"
+    # Where ONNX exports are looked for and made; unset = <data_dir>/onnx. An image that bakes
+    # its exports in (deploy/Dockerfile) points here, outside the data volume.
+    onnx_export_dir: Path | None = None
     # More models served beside it: ``name=source`` or ``name=backend:source`` pairs,
     # comma-separated (``small=openai:text-embedding-3-small``, a cross-encoder directory:
     # ``ranker=cross-encoder:/models/ranker``).

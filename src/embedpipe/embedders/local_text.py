@@ -7,26 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from embedpipe.embedders.base import PLAIN, TextForm
+from embedpipe.embedders.model_files import token_counter
 from embedpipe.embedders.prompts import ModelPrompts
 from embedpipe.embedders.tokens import TextTokenizer, Truncation
 from embedpipe.embedders.window import WindowClipper
 from embedpipe.errors import ModelLoadError
 from embedpipe.settings import ModelOptions
-
-
-def token_counter(tokenizer: Any, max_tokens: int) -> Any:
-    """A private copy of the model's Rust tokenizer, truncating at the window, never padding.
-
-    Counting must not use the model's own tokenizer: a transformers tokenizer call sets
-    padding and truncation on the shared Rust object, so a count on the event loop racing an
-    ``encode`` on the model thread can leave that batch unpadded ("Unable to create tensor").
-    The copy's settings are fixed here once; encoding with it only reads it."""
-    from tokenizers import Tokenizer
-
-    counter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    counter.no_padding()
-    counter.enable_truncation(max_length=max_tokens)
-    return counter
 
 
 def long_text_tokenizer(tokenizer: Any, max_tokens: int, options: ModelOptions) -> TextTokenizer:
@@ -43,7 +29,7 @@ def long_text_tokenizer(tokenizer: Any, max_tokens: int, options: ModelOptions) 
 
 
 class LocalText:
-    """Mixed into a local backend: ``_init_text`` once, from its transformers tokenizer;
+    """Mixed into a local backend: ``_init_text`` once, from its Rust ``tokenizers.Tokenizer``;
     then it serves ``prompts``, ``tokenizer``, ``count_tokens`` and ``clip`` of the
     ``ServedModel`` protocol. Nothing here touches the model's own tokenizer object (see
     ``token_counter``)."""
@@ -52,8 +38,8 @@ class LocalText:
         self, tokenizer: Any, max_tokens: int, options: ModelOptions, prompts: ModelPrompts
     ) -> None:
         self._counter = token_counter(tokenizer, max_tokens)
-        self._clipper = WindowClipper(tokenizer.backend_tokenizer, max_tokens)
-        self._tokens = long_text_tokenizer(tokenizer.backend_tokenizer, max_tokens, options)
+        self._clipper = WindowClipper(tokenizer, max_tokens)
+        self._tokens = long_text_tokenizer(tokenizer, max_tokens, options)
         self._prompts = prompts
 
     @property

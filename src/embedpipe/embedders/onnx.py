@@ -1,26 +1,30 @@
 """Local models on ONNX Runtime: an offline export of the same weights (``onnx_export``),
-fp32 or dynamically quantised to int8."""
+fp32 or quantised to int8 (``onnx_int8``). With the export present, nothing here imports
+torch, transformers or sentence-transformers: the tokenizer, window and pooling come from the
+model directory's files (``model_files``), the rest from onnxruntime and ``tokenizers``."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, Vectors, fingerprint_of
 from embedpipe.embedders.local_text import LocalText
+from embedpipe.embedders.model_files import read_json, read_model_files, weights_identity
 from embedpipe.embedders.onnx_export import (
     MODEL_FILE,
     Variant,
-    ensure_export,
+    export_fp32,
+    export_id,
+    publish,
     read_metadata,
 )
+from embedpipe.embedders.onnx_int8 import quantize_int8
+from embedpipe.embedders.onnx_runner import OnnxRunner
 from embedpipe.embedders.prompts import ModelPrompts, merged_prompts
-from embedpipe.embedders.sentence_transformers import checked_weights, read_json
 from embedpipe.errors import InvalidInput, ModelLoadError
 from embedpipe.settings import ModelOptions
 
@@ -46,33 +50,25 @@ class OnnxEmbedder(LocalText):
         options: ModelOptions | None = None,
     ) -> None:
         options = options or ModelOptions()
-        weights_sha256 = checked_weights(name, model_dir, expected_sha256)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        weights_sha256 = weights_identity(name, model_dir, expected_sha256)
+        files = read_model_files(model_dir)
         export_dir = ensure_export(model_dir, weights_sha256, variant, export_root)
         metadata = read_metadata(export_dir)
-
-        import onnxruntime
-        from transformers import AutoTokenizer
-
-        self._tokenizer = AutoTokenizer.from_pretrained(str(export_dir), local_files_only=True)
-        self._inputs: list[str] = metadata["inputs"]
-        self._session = onnxruntime.InferenceSession(
-            str(export_dir / MODEL_FILE),
-            _session_options(threads, spin),
-            providers=["CPUExecutionProvider"],
+        self._runner = OnnxRunner(
+            export_dir / MODEL_FILE, files, metadata["inputs"], threads=threads, spin=spin
         )
         backend = "onnx" if variant == "fp32" else f"onnx-{variant}"
         self._info = ModelInfo(
             name=name,
             backend=backend,
             dimensions=int(metadata["dimensions"]),
-            max_tokens=int(metadata["max_tokens"]),
+            max_tokens=files.max_tokens,
             source=str(model_dir),
             weights_sha256=weights_sha256,
         )
-        # Counts never use self._tokenizer: they must not race embed()'s padding settings.
+        # Counts use a private copy of the tokenizer: they never race embed().
         prompts = _prompts_of(model_dir, options)
-        self._init_text(self._tokenizer, self._info.max_tokens, options, prompts)
+        self._init_text(self._runner.tokenizer, files.max_tokens, options, prompts)
         # Never torch's fingerprint: fp32 vectors differ from torch's by ~3e-7 and int8 by
         # up to a few percent, so each backend and variant caches under its own key.
         identity = {
@@ -80,8 +76,7 @@ class OnnxEmbedder(LocalText):
             "backend": backend,
             "export": export_dir.name,
             "int8_recipe": metadata.get("int8_recipe"),
-            "normalize": True,
-            "max_tokens": self._info.max_tokens,
+            **files.identity(),
             "prompt": "",
         }
         self._fingerprint = fingerprint_of(identity)
@@ -109,22 +104,16 @@ class OnnxEmbedder(LocalText):
             return np.empty((0, self._info.dimensions), dtype=np.float32)
         if form.prompt:  # _prompts_of keeps every prompt in the text for this backend
             raise ValueError("the ONNX backend embeds prompts as part of the text")
-        # As sentence-transformers does: truncate at the window, pad to the batch's longest.
-        self._tokenizer.truncation_side = form.truncation
-        features = self._tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self._info.max_tokens,
-            return_tensors="np",
-        )
-        self._tokenizer.truncation_side = "right"
-        feed = {name: features[name].astype(np.int64, copy=False) for name in self._inputs}
-        vectors = np.asarray(self._session.run(None, feed)[0], dtype=np.float32)
-        # The graph normalises already (the model's Normalize module); a model directory
-        # without one must still give unit vectors, as the torch backend does.
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+        return self._runner.embed(texts, form.truncation)
+
+
+def ensure_export(model_dir: Path, weights_sha256: str, variant: Variant, root: Path) -> Path:
+    """The directory of the ``variant`` export of the model in ``model_dir``, built on first use."""
+    identity = export_id(model_dir, weights_sha256)
+    fp32 = publish(root / f"{identity}-fp32", lambda out: export_fp32(model_dir, out))
+    if variant == "fp32":
+        return fp32
+    return publish(root / f"{identity}-int8", lambda out: quantize_int8(model_dir, fp32, out))
 
 
 def _prompts_of(model_dir: Path, options: ModelOptions) -> ModelPrompts:
@@ -149,20 +138,3 @@ def _prompts_of(model_dir: Path, options: ModelOptions) -> ModelPrompts:
         )
     except InvalidInput as exc:
         raise ModelLoadError(f"{model_dir}: {exc.message}") from None
-
-
-def _session_options(threads: int, spin: bool) -> Any:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    # One inference at a time per model (the batcher): all cores inside one run, no
-    # parallel branches between runs.
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle pool threads busy-wait for work by default. On a few cores shared with the event
-    # loop (tokenising, JSON) that steals the CPU the rest of the request path needs
-    # (make bench-backends --threads measures both).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    return options

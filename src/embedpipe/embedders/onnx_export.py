@@ -1,15 +1,16 @@
 """Offline ONNX exports of a local sentence-transformers model, cached under the data dir.
 
-    <data_dir>/onnx/<export id>-fp32/   model.onnx, the tokenizer, export.json
-    <data_dir>/onnx/<export id>-int8/   the same, dynamically quantised from the fp32 export
+    <data_dir>/onnx/<export id>-fp32/   model.onnx (the transformer: token vectors), export.json
+    <data_dir>/onnx/<export id>-int8/   the same, quantised from the fp32 export (``onnx_int8``)
 
 The export id hashes the weights and every small file beside them (configs, pooling,
 tokenizer), so another model never reuses an export. An export is built in a temporary directory
 and renamed into place: readers see a complete export or none. A lock file makes a second
 process (another ``--workers`` replica) wait for the first instead of exporting again.
 
-Exporting runs torch and sentence-transformers; serving an export runs only ONNX Runtime and
-the tokenizer.
+Exporting runs torch and sentence-transformers, once, ahead of time (``embedpipe models``, in
+the image build); serving an export runs only ONNX Runtime and ``tokenizers``, with the
+tokenizer, window and pooling read from the model directory's own files (``model_files``).
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from embedpipe.embedders.model_files import ModelFiles, read_model_files
+from embedpipe.embedders.onnx_runner import OnnxRunner
 from embedpipe.errors import ModelLoadError
 
 log = logging.getLogger("embedpipe.model")
@@ -37,18 +41,15 @@ Variant = Literal["fp32", "int8"]
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "export.json"
 # Bump when the graph or the quantisation recipe changes: old exports are then left unused.
-EXPORT_FORMAT = 2
-# Per-channel int8 weights (MatMul and the embedding tables), dynamic uint8 activations.
-# Measured on the bench corpus: per-tensor weights gave cosine 0.957 mean / 0.905 min to
-# fp32, per-channel 0.993 / 0.986.
-INT8_RECIPE: dict[str, Any] = {"weight_type": "QInt8", "per_channel": True}
+# 3: the graph ends at the transformer's token vectors; pooling runs in numpy (pooling.py).
+EXPORT_FORMAT = 3
 # fp32 must reproduce torch; anything less is a broken export, not a rounding difference.
 FP32_MIN_COSINE = 0.9999
 
 # Weights (hashed on their own) and other big files stay out of the export id.
 _SMALL_FILE_BYTES = 4 * 1024 * 1024
 _EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir", "root")
-_PROBE_TEXTS = (
+PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "Embeddings turn text into vectors for search and retrieval.",
     "short",
@@ -72,15 +73,6 @@ def export_id(model_dir: Path, weights_sha256: str) -> str:
         {"weights": weights_sha256, "files": files, "format": EXPORT_FORMAT}, sort_keys=True
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def ensure_export(model_dir: Path, weights_sha256: str, variant: Variant, root: Path) -> Path:
-    """The directory of the ``variant`` export of the model in ``model_dir``, built on first use."""
-    identity = export_id(model_dir, weights_sha256)
-    fp32 = publish(root / f"{identity}-fp32", lambda out: _export_fp32(model_dir, out))
-    if variant == "fp32":
-        return fp32
-    return publish(root / f"{identity}-int8", lambda out: _quantize_int8(fp32, out))
 
 
 def publish(target: Path, build: Callable[[Path], None]) -> Path:
@@ -121,7 +113,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """The exporters' own notes (deprecations, hundreds of INFO lines per graph pass, missing
     torchvision ops): nothing an operator can act on, so kept out of the service's logs."""
     loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
@@ -142,52 +134,45 @@ def read_metadata(export_dir: Path) -> dict[str, Any]:
     return metadata
 
 
-def _write_metadata(out: Path, metadata: dict[str, Any]) -> None:
+def write_metadata(out: Path, metadata: dict[str, Any]) -> None:
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True), "utf-8")
 
 
-def _cosines(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+def cosines(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
     got = got / np.linalg.norm(got, axis=1, keepdims=True)
     want = want / np.linalg.norm(want, axis=1, keepdims=True)
-    cosines = (got * want).sum(axis=1)
-    return {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean())}
+    similarity = (got * want).sum(axis=1)
+    return {"min_cosine": float(similarity.min()), "mean_cosine": float(similarity.mean())}
 
 
-def _run_export(export_dir: Path, texts: list[str]) -> np.ndarray:
-    """Vectors of ``texts`` from an export directory, unnormalised: first all of them as one
-    padded batch, then each alone (a trace that mishandles padding shows up here)."""
-    import onnxruntime
-    from transformers import AutoTokenizer
-
-    metadata = read_metadata(export_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(export_dir), local_files_only=True)
-    session = onnxruntime.InferenceSession(
-        str(export_dir / MODEL_FILE), providers=["CPUExecutionProvider"]
-    )
-    outputs = []
-    for batch in [texts, *([text] for text in texts)]:
-        features = tokenizer(
-            batch,
-            padding=True,
-            truncation=True,
-            max_length=metadata["max_tokens"],
-            return_tensors="np",
-        )
-        outputs.append(session.run(None, {name: features[name] for name in metadata["inputs"]})[0])
-    return np.concatenate(outputs)
+def probe_vectors(export_dir: Path, files: ModelFiles, texts: Sequence[str]) -> np.ndarray:
+    """Vectors of ``texts`` from an export directory, as the service computes them: first all
+    of them as one padded batch, then each alone (a trace that mishandles padding shows up)."""
+    runner = OnnxRunner(export_dir / MODEL_FILE, files, read_metadata(export_dir)["inputs"])
+    return np.concatenate([runner.embed(batch) for batch in [texts, *([t] for t in texts)]])
 
 
-def _export_fp32(model_dir: Path, out: Path) -> None:
-    """Trace the whole sentence-transformers pipeline (transformer, pooling, normalisation)
-    into one graph with a dynamic batch and sequence length, and check it against torch.
+def export_fp32(model_dir: Path, out: Path) -> None:
+    """Trace the model's transformer into one graph with a dynamic batch and sequence length,
+    ending at its token vectors, and check the whole pipeline (with pooling and normalisation
+    from the model's files, as served) against sentence-transformers.
 
     TorchScript tracing of eager attention, not the dynamo exporter or SDPA: ONNX Runtime
     fuses that graph's attention and layer norms, and it ran 1.25-1.4x faster here than the
     dynamo export (make bench-backends). The sample batch is padded, so the traced graph
     applies the attention mask; the probes check padded and unpadded batches alike."""
-    import torch
-    from sentence_transformers import SentenceTransformer
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError as missing:
+        raise ModelLoadError(
+            f"there is no ONNX export of {model_dir} under {out.parent}, and no {missing.name} "
+            "here to make one: make it ahead of time where torch is installed, with the same "
+            "settings, by `EMBEDPIPE_BACKEND=onnx embedpipe models` (as the image build does)"
+        ) from None
 
+    files = read_model_files(model_dir)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub must never be reached
     log.info("exporting %s to ONNX in %s (once; later starts reuse it)", model_dir, out.parent)
     model = SentenceTransformer(
         str(model_dir),
@@ -196,10 +181,12 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
         model_kwargs={"attn_implementation": "eager"},
     ).eval()
     tokenizer = model.tokenizer
-    max_tokens = model.max_seq_length
     dimensions = model.get_embedding_dimension()
-    if not max_tokens or not dimensions:
-        raise ModelLoadError(f"{model_dir} declares no window or no embedding dimension")
+    if model.max_seq_length != files.max_tokens or not dimensions:
+        raise ModelLoadError(
+            f"{model_dir}: sentence-transformers reads a window of {model.max_seq_length} "
+            f"tokens, its files {files.max_tokens}"
+        )
     inputs = [
         name
         for name in ("input_ids", "attention_mask", "token_type_ids")
@@ -209,87 +196,60 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
         ["an example sentence", "a second, somewhat longer example sentence"],
         padding=True,
         truncation=True,
-        max_length=max_tokens,
+        max_length=files.max_tokens,
         return_tensors="pt",
     )
-    with _quiet_exporter():
+    with quiet_exporter():
         torch.onnx.export(
-            _pipeline(model),
+            _token_vectors_module(model[0]),
             tuple(sample[name] for name in inputs),
             str(out / MODEL_FILE),
             input_names=inputs,
-            output_names=["sentence_embedding"],
+            output_names=["token_embeddings"],
             dynamic_axes={
                 **{name: {0: "batch", 1: "sequence"} for name in inputs},
-                "sentence_embedding": {0: "batch"},
+                "token_embeddings": {0: "batch", 1: "sequence"},
             },
             opset_version=17,
             dynamo=False,
         )
-    tokenizer.save_pretrained(str(out))
     metadata: dict[str, Any] = {
         "variant": "fp32",
         "format": EXPORT_FORMAT,
         "source": str(model_dir),
         "inputs": inputs,
-        "max_tokens": max_tokens,
+        "max_tokens": files.max_tokens,
         "dimensions": dimensions,
         "torch": torch.__version__,
     }
-    _write_metadata(out, metadata)
-    texts = list(_PROBE_TEXTS)
+    write_metadata(out, metadata)
+    texts = list(PROBE_TEXTS)
     want = model.encode(
         texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
     )
-    cosines = _cosines(_run_export(out, texts), np.concatenate([want, want]))
-    if cosines["min_cosine"] < FP32_MIN_COSINE:
+    fidelity = cosines(probe_vectors(out, files, texts), np.concatenate([want, want]))
+    if fidelity["min_cosine"] < FP32_MIN_COSINE:
         raise ModelLoadError(
             f"the ONNX export of {model_dir} does not reproduce the torch model "
-            f"(cosine {cosines['min_cosine']:.6f} < {FP32_MIN_COSINE})"
+            f"(cosine {fidelity['min_cosine']:.6f} < {FP32_MIN_COSINE})"
         )
-    _write_metadata(out, {**metadata, "fidelity": {"against": "torch", **cosines}})
+    write_metadata(out, {**metadata, "fidelity": {"against": "torch", **fidelity}})
 
 
-def _quantize_int8(fp32: Path, out: Path) -> None:
-    """Dynamic int8 quantisation of the fp32 export; its fidelity to fp32 on the probes."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    log.info("quantising the ONNX export %s to int8", fp32)
-    with _quiet_exporter():
-        quantize_dynamic(
-            fp32 / MODEL_FILE,
-            out / MODEL_FILE,
-            weight_type=QuantType[INT8_RECIPE["weight_type"]],
-            per_channel=INT8_RECIPE["per_channel"],
-        )
-    for item in fp32.iterdir():
-        if item.name not in (MODEL_FILE, METADATA_FILE) and item.is_file():
-            shutil.copy2(item, out / item.name)
-    metadata = {**read_metadata(fp32), "variant": "int8", "int8_recipe": INT8_RECIPE}
-    metadata.pop("fidelity", None)
-    _write_metadata(out, metadata)
-    texts = list(_PROBE_TEXTS)
-    fidelity = {
-        "against": "onnx-fp32",
-        **_cosines(_run_export(out, texts), _run_export(fp32, texts)),
-    }
-    _write_metadata(out, {**metadata, "fidelity": fidelity})
-
-
-def _pipeline(model: Any) -> Any:
-    """The sentence-transformers modules as one torch module over plain tensors (defined
-    here because torch is imported only to export)."""
+def _token_vectors_module(transformer: Any) -> Any:
+    """sentence-transformers' Transformer module as a torch module over plain tensors,
+    giving its token vectors (defined here because torch is imported only to export)."""
     import torch
 
-    class Pipeline(torch.nn.Module):
+    class TokenVectors(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
+            self.transformer = transformer
 
         def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
             features = {"input_ids": input_ids, "attention_mask": attention_mask}
             if token_type_ids is not None:
                 features["token_type_ids"] = token_type_ids
-            return self.model(features)["sentence_embedding"]
+            return self.transformer(features)["token_embeddings"]
 
-    return Pipeline().eval()
+    return TokenVectors().eval()

@@ -114,7 +114,7 @@ def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
         return OnnxEmbedder(
             spec.name,
             path,
-            export_root=settings.data_dir / "onnx",
+            export_root=settings.onnx_export_dir or settings.data_dir / "onnx",
             variant="int8" if settings.onnx_quantize == "int8" else "fp32",
             threads=settings.model_threads or available_cores(),
             expected_sha256=expected_sha256,
@@ -138,17 +138,21 @@ def available_cores() -> int:
     return max(1, cores)
 
 
-def configure_threads(model_threads: int) -> int:
-    """Match torch's intra-op threads to the cores available (one inference at a time)."""
+def configure_threads(model_threads: int, *, torch: bool = True) -> int:
+    """The intra-op threads of one inference: the cores available unless set. With ``torch``
+    (a model on the torch backend), torch's own pool is set to match; without, torch is never
+    imported (the ONNX backend's processes run without it)."""
+    threads = model_threads or available_cores()
+    if not torch:
+        return threads
     # OpenMP's threads busy-wait between parallel regions by default: on cores shared with
     # the event loop (or anything else), 2 torch threads then ran at 0.45-0.6x the speed of
     # 1; waiting passively, at 0.9-1.2x. Read when torch loads OpenMP, so set before the
     # first import; an operator's own OMP_WAIT_POLICY wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
+    import torch as torch_module
 
-    threads = model_threads or available_cores()
-    torch.set_num_threads(threads)
+    torch_module.set_num_threads(threads)
     return threads
 
 

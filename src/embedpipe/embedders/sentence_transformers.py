@@ -2,62 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+from pathlib import Path
 
 import numpy as np
 
 from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, Vectors, fingerprint_of
 from embedpipe.embedders.local_text import LocalText
+from embedpipe.embedders.model_files import checked_weights, read_json
 from embedpipe.embedders.prompts import merged_prompts
 from embedpipe.errors import InvalidInput, ModelLoadError
 from embedpipe.settings import ModelOptions
 
 log = logging.getLogger("embedpipe.model")
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_file(model_dir: Path) -> Path:
-    for name in _WEIGHT_FILES:
-        candidate = model_dir / name
-        if candidate.is_file():
-            return candidate
-    raise ModelLoadError(f"no weights ({' or '.join(_WEIGHT_FILES)}) under {model_dir}")
-
-
-def checked_weights(name: str, model_dir: Path, expected_sha256: str | None) -> str:
-    """The sha256 of the model's weights; ModelLoadError when they are not the expected ones."""
-    weights = weights_file(model_dir)
-    weights_sha256 = file_sha256(weights)
-    if expected_sha256 and weights_sha256 != expected_sha256:
-        raise ModelLoadError(
-            f"weights of {name} at {weights} have sha256 {weights_sha256}, "
-            f"expected {expected_sha256}"
-        )
-    return weights_sha256
-
 
 def pooling_includes_prompt(model: Any) -> bool:
     """False when a Pooling module leaves the prompt's tokens out (``include_prompt``)."""
     return all(getattr(module, "include_prompt", True) for module in model)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 class SentenceTransformerEmbedder(LocalText):
@@ -93,7 +58,7 @@ class SentenceTransformerEmbedder(LocalText):
         dimensions = self._model.get_embedding_dimension()
         if not max_tokens or not dimensions:
             raise ModelLoadError(f"{model_dir} declares no window or no embedding dimension")
-        self._init_text(self._model.tokenizer, max_tokens, options, prompts)
+        self._init_text(self._model.tokenizer.backend_tokenizer, max_tokens, options, prompts)
         self._info = ModelInfo(
             name=name,
             backend="sentence-transformers",
