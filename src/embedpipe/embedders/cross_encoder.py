@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
+from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, Vectors, fingerprint_of
+from embedpipe.embedders.model_files import checked_weights, read_json, token_counter
 from embedpipe.embedders.pairs import pair_text, split_pair
-from embedpipe.embedders.sentence_transformers import _read_json, checked_weights, token_counter
+from embedpipe.embedders.prompts import ModelPrompts
+from embedpipe.embedders.tokens import TextTokenizer, Truncation
 from embedpipe.embedders.window import WindowClipper
 from embedpipe.errors import ModelLoadError
 
@@ -50,7 +52,7 @@ class CrossEncoderScorer:
         self._identity = torch.nn.Identity()
         tokenizer = self._model.tokenizer
         # Counts pairs as the library truncates them: longest first, at the window.
-        self._counter = token_counter(tokenizer, max_tokens)
+        self._counter = token_counter(tokenizer.backend_tokenizer, max_tokens)
         self._clipper = WindowClipper(tokenizer.backend_tokenizer, max_tokens)
         self._plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._plain.no_padding()
@@ -70,7 +72,7 @@ class CrossEncoderScorer:
         identity = {
             "weights": weights_sha256,
             "backend": self._info.backend,
-            "config": _read_json(model_dir / "config.json"),
+            "config": read_json(model_dir / "config.json"),
             "max_tokens": max_tokens,
             # Logits are cached, not scores: the activation only names the model here.
             "activation": type(activation).__name__,
@@ -93,12 +95,22 @@ class CrossEncoderScorer:
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+    @property
+    def prompts(self) -> ModelPrompts:
+        """None: a pair is scored as it is (the embedding routes, which take prompts, refuse
+        a cross-encoder)."""
+        return ModelPrompts()
+
+    @property
+    def tokenizer(self) -> TextTokenizer | None:
+        return None  # /tokenize serves embedding models only
+
+    def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
         """Tokens of each pair as the model sees it (specials included, truncated)."""
         encoded = self._counter.encode_batch([split_pair(text) for text in texts])
         return [len(encoding.ids) for encoding in encoded]
 
-    def clip(self, texts: Sequence[str]) -> list[str]:
+    def clip(self, texts: Sequence[str], truncation: Truncation = "right") -> list[str]:
         """Each pair with its query or document cut where the window ends (see
         ``embedders/window.py``), when that keeps the library's truncation: it cuts the longer
         part first, so a cut part (window - 2 tokens or more left) must stay the longer one.
@@ -122,8 +134,8 @@ class CrossEncoderScorer:
     def _tokens_of(self, text: str) -> int:
         return len(self._plain.encode(text, add_special_tokens=False).ids)
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
-        """The logit of each pair, as an (n, 1) float32 array."""
+    def embed(self, texts: Sequence[str], form: TextForm = PLAIN) -> Vectors:
+        """The logit of each pair, as an (n, 1) float32 array (pairs have one form only)."""
         pairs = [split_pair(text) for text in texts]
         logits = self._model.predict(
             pairs,
