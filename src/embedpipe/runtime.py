@@ -102,10 +102,12 @@ class Runtime:
                 else:
                     embedder = await asyncio.to_thread(load_embedder, spec, settings)
                     await asyncio.to_thread(warm_up, embedder, settings.batching.max_batch_tokens)
-                    # Before the batcher starts: one inference at a time, in a fixed order.
-                    calibrations[spec.name] = await asyncio.to_thread(
-                        load_calibration, embedder, settings.data_dir
-                    )
+                    # Before the batcher starts: one inference at a time, in a fixed order. A
+                    # cross-encoder's scores have no output types to calibrate.
+                    if embedder.info.task == "embed":
+                        calibrations[spec.name] = await asyncio.to_thread(
+                            load_calibration, embedder, settings.data_dir
+                        )
                     registry.add(spec, embedder)
                     batcher = MicroBatcher(embedder, settings.batching)
                     stack.push_async_callback(batcher.stop)
