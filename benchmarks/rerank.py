@@ -71,6 +71,9 @@ def main() -> None:
     plan = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # As the server runs torch (embedders/registry.py configure_threads): with OpenMP's
+    # busy-waiting threads on a shared machine, raw predict would measure contention.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     use_uvloop()
     import torch
     from sentence_transformers import CrossEncoder

@@ -327,3 +327,37 @@ def test_the_cli_prints_the_ranking(
         [*command[:4], "", "docs.txt"], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert empty.returncode == 2 and "'query' must not be empty" in empty.stderr
+
+
+async def test_scores_stay_exact_with_a_float16_vector_cache(
+    tmp_path: Path, cross_encoder_dir: Path, reference_cross_encoder: Any
+) -> None:
+    from embedpipe.operations.rerank import prepare, rank
+    from embedpipe.runtime import Runtime
+    from embedpipe.settings import CacheSettings, Settings
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_threads=1,
+        extra_models=f"{CROSS_ENCODER}=cross-encoder:{cross_encoder_dir}",
+        cache=CacheSettings(store_dtype="float16"),
+    )
+    runtime = await Runtime.open(settings)
+    try:
+        service = runtime.service
+        prepared = prepare(
+            service,
+            settings.limits,
+            model=CROSS_ENCODER,
+            route="/v1/rerank",
+            query=QUERY,
+            documents=DOCUMENTS,
+        )
+        want = _predict(reference_cross_encoder, QUERY, DOCUMENTS)
+        for expected_source in ("computed", "l1"):
+            result = await service.embed(prepared.model, prepared.inputs)
+            assert set(result.sources) == {expected_source}
+            ranked = rank(service, prepared, result, raw=False)
+            _assert_ranked(list(zip(ranked.order, ranked.scores, strict=True)), want)
+    finally:
+        await runtime.close()
