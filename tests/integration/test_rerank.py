@@ -78,6 +78,28 @@ def test_cohere_sdk_v2_rerank_matches_cross_encoder_predict(
     assert [r.index for r in top.results] == [r.index for r in response.results[:2]]
 
 
+def test_max_tokens_per_doc_scores_each_documents_first_tokens(
+    rerank_server: ServerProcess, reference_cross_encoder: Any
+) -> None:
+    import cohere
+
+    with httpx.Client(timeout=60) as http:
+        client = cohere.ClientV2(api_key="unused", base_url=rerank_server.url, httpx_client=http)
+        response = client.rerank(
+            model=CROSS_ENCODER, query=QUERY, documents=DOCUMENTS, max_tokens_per_doc=8
+        )
+    tokenizer = reference_cross_encoder.tokenizer
+    cut = []
+    for text in DOCUMENTS:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+        cut.append(text[: offsets[7][1]] if len(offsets) > 8 else text)
+    assert cut != DOCUMENTS
+    want = _predict(reference_cross_encoder, QUERY, cut)
+    _assert_ranked([(r.index, r.relevance_score) for r in response.results], want)
+
+
 def test_jina_request_with_httpx_objects_documents_and_usage(
     rerank_server: ServerProcess, reference_cross_encoder: Any
 ) -> None:
