@@ -115,7 +115,9 @@ def prepare(
     documents_param: str = "documents",
 ) -> PreparedRerank:
     """Validate a rerank request: the model (ModelNotFound, or InvalidInput when it serves
-    no rerank), the query, the documents and ``top_n`` (InvalidInput naming the field)."""
+    no rerank), the query, the documents, ``top_n`` and ``max_tokens_per_doc`` (InvalidInput
+    naming the field); then the model's inputs, each document cut to ``max_tokens_per_doc``
+    tokens for a cross-encoder."""
     name = service.resolve_model(model, route=route)
     if not isinstance(query, str):
         raise InvalidInput("'query' must be a string.", param="query")
