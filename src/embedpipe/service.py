@@ -66,6 +66,8 @@ class EmbeddingService:
         self._namespace = cache_settings.namespace
         self._per_tenant = bool(cache_settings.per_tenant)
         self._codec = VectorCodec(cache_settings.store_dtype)
+        # A cross-encoder's score is stored exactly: float16 would move it by ~1e-3.
+        self._exact = VectorCodec("float32")
         # Texts being computed right now, by cache key: later requests wait on the same work.
         self._in_flight: dict[str, PendingText] = {}
 
@@ -143,8 +145,9 @@ class EmbeddingService:
         logs.annotate(model=name, inputs=len(texts))
         width = self._width(embedder.info, sized, values)
         vectors = np.empty((len(values), width), dtype=np.float32)
+        codec = self._codec_of(embedder.info)
         for position, value in enumerate(values):
-            vectors[position] = self._codec.decode(value)
+            vectors[position] = codec.decode(value)
         return self._served(name, texts, unique, vectors, ["l1"] * len(values), tokens)
 
     async def embed(
@@ -186,7 +189,7 @@ class EmbeddingService:
         sources: list[Source] = ["computed"] * len(unique_texts)
         missing: list[int] = []
         for position, hit in enumerate(found):
-            vector = self._decoded(hit[0], width) if hit is not None else None
+            vector = self._decoded(hit[0], width, embedder.info) if hit is not None else None
             if hit is None or vector is None:
                 missing.append(position)
             else:
@@ -206,7 +209,7 @@ class EmbeddingService:
                 vectors = np.empty((len(unique_texts), len(computed[0])), dtype=np.float32)
             for position, vector, shared in zip(missing, computed, joined, strict=True):
                 # As a later hit will decode it: every answer for a text is the same.
-                vectors[position] = self._codec.round_trip(vector)
+                vectors[position] = self._codec_of(embedder.info).round_trip(vector)
                 if shared:
                     sources[position] = "shared"
         return self._served(name, texts, unique, vectors, sources, tokens)
@@ -221,17 +224,20 @@ class EmbeddingService:
         identity = embedder.fingerprint + form.key_suffix
         if sized is not None:
             identity += f"-d{sized}"
-        fingerprint = self._codec.fingerprint(identity)
+        fingerprint = self._codec_of(embedder.info).fingerprint(identity)
         namespace = self._namespace
         if self._per_tenant:
             namespace = tenant_namespace(namespace, current_tenant())
         return [cache_key(namespace, fingerprint, text) for text in texts]
 
-    def _decoded(self, value: bytes, width: int) -> Vectors | None:
+    def _codec_of(self, info: ModelInfo) -> VectorCodec:
+        return self._exact if info.task == "rerank" else self._codec
+
+    def _decoded(self, value: bytes, width: int, info: ModelInfo) -> Vectors | None:
         """A cached vector, or None (a miss, recomputed) when the bytes are not one vector of
         this width: a corrupt or foreign entry is never served."""
         try:
-            vector = self._codec.decode(value)
+            vector = self._codec_of(info).decode(value)
         except ValueError:
             return None
         return vector if len(vector) == width else None
@@ -242,7 +248,7 @@ class EmbeddingService:
         0 when none is at hand."""
         if sized or info.dimensions:
             return sized or info.dimensions
-        return next((len(self._codec.decode(value)) for value in values), 0)
+        return next((len(self._codec_of(info).decode(value)) for value in values), 0)
 
     def _served(
         self,
@@ -330,9 +336,10 @@ class EmbeddingService:
                 item.leave()
             raise
         if created:
+            codec = self._codec_of(self._models.get(model).info)
             await self._cache.set_many(
                 {
-                    key: self._codec.encode(item.future.result())
+                    key: codec.encode(item.future.result())
                     for key, item in zip(new_keys, created, strict=True)
                 },
                 tokens=dict(zip(new_keys, new_tokens, strict=True)),

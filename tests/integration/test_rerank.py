@@ -78,6 +78,28 @@ def test_cohere_sdk_v2_rerank_matches_cross_encoder_predict(
     assert [r.index for r in top.results] == [r.index for r in response.results[:2]]
 
 
+def test_max_tokens_per_doc_scores_each_documents_first_tokens(
+    rerank_server: ServerProcess, reference_cross_encoder: Any
+) -> None:
+    import cohere
+
+    with httpx.Client(timeout=60) as http:
+        client = cohere.ClientV2(api_key="unused", base_url=rerank_server.url, httpx_client=http)
+        response = client.rerank(
+            model=CROSS_ENCODER, query=QUERY, documents=DOCUMENTS, max_tokens_per_doc=8
+        )
+    tokenizer = reference_cross_encoder.tokenizer
+    cut = []
+    for text in DOCUMENTS:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+        cut.append(text[: offsets[7][1]] if len(offsets) > 8 else text)
+    assert cut != DOCUMENTS
+    want = _predict(reference_cross_encoder, QUERY, cut)
+    _assert_ranked([(r.index, r.relevance_score) for r in response.results], want)
+
+
 def test_jina_request_with_httpx_objects_documents_and_usage(
     rerank_server: ServerProcess, reference_cross_encoder: Any
 ) -> None:
@@ -327,3 +349,37 @@ def test_the_cli_prints_the_ranking(
         [*command[:4], "", "docs.txt"], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert empty.returncode == 2 and "'query' must not be empty" in empty.stderr
+
+
+async def test_scores_stay_exact_with_a_float16_vector_cache(
+    tmp_path: Path, cross_encoder_dir: Path, reference_cross_encoder: Any
+) -> None:
+    from embedpipe.operations.rerank import prepare, rank
+    from embedpipe.runtime import Runtime
+    from embedpipe.settings import CacheSettings, Settings
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_threads=1,
+        extra_models=f"{CROSS_ENCODER}=cross-encoder:{cross_encoder_dir}",
+        cache=CacheSettings(store_dtype="float16"),
+    )
+    runtime = await Runtime.open(settings)
+    try:
+        service = runtime.service
+        prepared = prepare(
+            service,
+            settings.limits,
+            model=CROSS_ENCODER,
+            route="/v1/rerank",
+            query=QUERY,
+            documents=DOCUMENTS,
+        )
+        want = _predict(reference_cross_encoder, QUERY, DOCUMENTS)
+        for expected_source in ("computed", "l1"):
+            result = await service.embed(prepared.model, prepared.inputs)
+            assert set(result.sources) == {expected_source}
+            ranked = rank(service, prepared, result, raw=False)
+            _assert_ranked(list(zip(ranked.order, ranked.scores, strict=True)), want)
+    finally:
+        await runtime.close()

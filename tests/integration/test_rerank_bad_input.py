@@ -35,6 +35,7 @@ CATALOGUE: list[tuple[str, Any, int, str]] = [
     ("top_n zero", {**OK, "top_n": 0}, 400, "top_n"),
     ("top_n negative", {**OK, "top_n": -3}, 400, "top_n"),
     ("top_n a string", {**OK, "top_n": "2"}, 400, "top_n"),
+    ("max_tokens_per_doc zero", {**OK, "max_tokens_per_doc": 0}, 400, "max_tokens_per_doc"),
     ("model missing", {"query": "q", "documents": ["a"]}, 400, "model"),
     ("unknown model", {**OK, "model": "rerank-english-v9"}, 404, "model"),
 ]

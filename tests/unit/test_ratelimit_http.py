@@ -155,3 +155,18 @@ async def test_a_limiter_that_fails_closed_answers_503(
     assert reply.status_code == 503
     assert reply.json()["error"]["code"] == "rate_limiter_unavailable"
     assert reply.headers["retry-after"] == "1"
+
+
+async def test_rerank_routes_are_charged_the_tokens_of_what_the_model_sees(serve: Serve) -> None:
+    """By cosine (the fake model): the query's tokens and each document's, as ``usage``."""
+    client = await serve(rate_limit_tpm=30)
+    body = {"model": "fake", "query": "a b", "documents": ["c", "d e"]}
+    ranked = await client.post("/v1/rerank", json=body)
+    assert ranked.status_code == 200, ranked.text
+    assert ranked.json()["usage"]["total_tokens"] == 4 + 3 + 4  # the fake counts words + 2
+    assert ranked.headers["x-ratelimit-remaining-tokens"] == "19"
+    tei = await client.post("/rerank", json={"model": "fake", "query": "a", "texts": ["b"]})
+    assert tei.status_code == 200 and tei.headers["x-ratelimit-remaining-tokens"] == "13"
+    refused = await client.post("/v2/rerank", json={**body, "documents": ["x y z w"] * 3})
+    assert refused.status_code == 429 and set(refused.json()) == {"id", "message"}
+    assert "retry-after" in refused.headers

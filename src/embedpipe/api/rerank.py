@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -13,6 +14,7 @@ from embedpipe.api.deps import (
     get_runtime,
     json_body,
     json_response,
+    off_loop_if_big,
     unless_disconnected,
 )
 from embedpipe.api.schemas import ErrorBody, RerankResponse, TeiRerankItem
@@ -57,14 +59,19 @@ async def _cohere_rerank(request: Request, runtime: Runtime, route: str) -> Resp
     body = await json_body(
         request, RerankRequest, max_values=max_json_values(limits), param="documents"
     )
-    prepared = prepare(
-        runtime.service,
-        limits,
-        model=body.model,
-        route=route,
-        query=body.query,
-        documents=body.documents,
-        top_n=body.top_n,
+    prepared = await off_loop_if_big(
+        request,
+        partial(
+            prepare,
+            runtime.service,
+            limits,
+            model=body.model,
+            route=route,
+            query=body.query,
+            documents=body.documents,
+            top_n=body.top_n,
+            max_tokens_per_doc=body.max_tokens_per_doc,
+        ),
     )
     ranked, headers = await _ranked(request, runtime, prepared, admission, raw=False)
     answer = cohere_body(prepared, ranked, return_documents=body.return_documents)

@@ -80,6 +80,7 @@ def new_processor(settings: Settings, runtime: Runtime, store: JobStore) -> Batc
             query=request.query,
             documents=request.documents,
             top_n=request.top_n,
+            max_tokens_per_doc=request.max_tokens_per_doc,
         )
         inputs = await service.clip(prepared.model, prepared.inputs)
         tokens = await service.count_tokens(prepared.model, inputs)

@@ -131,6 +131,13 @@ class CrossEncoderScorer:
             clipped.append(pair_text(short_query, short_document))
         return clipped
 
+    def first_tokens(self, texts: Sequence[str], tokens: int) -> list[str]:
+        """Each document cut after its first ``tokens`` tokens (Cohere's
+        ``max_tokens_per_doc``); as it is when the window would cut it first anyway."""
+        if tokens >= self._info.max_tokens:
+            return list(texts)
+        return [self._clipper.first_tokens(text, tokens) for text in texts]
+
     def _tokens_of(self, text: str) -> int:
         return len(self._plain.encode(text, add_special_tokens=False).ids)
 

@@ -79,6 +79,14 @@ class WindowClipper:
             start for (start, _), word in zip(encoding.offsets, words, strict=True) if word == kept
         )
 
+    def first_tokens(self, text: str, tokens: int) -> str:
+        """``text`` cut after its first ``tokens`` tokens (special tokens not counted)."""
+        text = self.clip(text)  # at most a window's worth to tokenize
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        if len(encoding.ids) <= tokens:
+            return text
+        return text[: encoding.offsets[tokens - 1][1]]
+
     def _window_end(self, prefix: str) -> int | None:
         """Where the last word with a token in the window ends, if it ends before the prefix
         does (so the prefix's own end, perhaps mid-word, cannot matter); else None."""

@@ -48,7 +48,10 @@ class RerankRequest(BaseModel):
         False, strict=True, description="Echo each document in its result."
     )
     max_tokens_per_doc: int | None = Field(
-        None, strict=True, description="Accepted; documents are cut at the model's window."
+        None,
+        strict=True,
+        description="A cross-encoder sees each document's first N tokens at most (an "
+        "embedding model, its window's).",
     )
 
 
@@ -108,10 +111,13 @@ def prepare(
     query: Any,
     documents: Any,
     top_n: int | None = None,
+    max_tokens_per_doc: int | None = None,
     documents_param: str = "documents",
 ) -> PreparedRerank:
     """Validate a rerank request: the model (ModelNotFound, or InvalidInput when it serves
-    no rerank), the query, the documents and ``top_n`` (InvalidInput naming the field)."""
+    no rerank), the query, the documents, ``top_n`` and ``max_tokens_per_doc`` (InvalidInput
+    naming the field); then the model's inputs, each document cut to ``max_tokens_per_doc``
+    tokens for a cross-encoder."""
     name = service.resolve_model(model, route=route)
     if not isinstance(query, str):
         raise InvalidInput("'query' must be a string.", param="query")
@@ -122,9 +128,18 @@ def prepare(
         check_text(text, index, limits, param=documents_param)
     if top_n is not None and top_n < 1:
         raise InvalidInput(f"'top_n' must be at least 1; got {top_n}.", param="top_n")
-    cross_encoder = service.models.get(name).info.task == "rerank"
+    if max_tokens_per_doc is not None and max_tokens_per_doc < 1:
+        raise InvalidInput(
+            f"'max_tokens_per_doc' must be at least 1; got {max_tokens_per_doc}.",
+            param="max_tokens_per_doc",
+        )
+    model_served = service.models.get(name)
+    cross_encoder = model_served.info.task == "rerank"
     query_seen = text_for_input_type(name, query, "query")
     seen = [text_for_input_type(name, text, "document") for text in texts]
+    # Cut the documents only: the response echoes them whole.
+    if max_tokens_per_doc is not None and isinstance(model_served, CrossEncoderScorer):
+        seen = model_served.first_tokens(seen, max_tokens_per_doc)
     if cross_encoder:
         inputs = [pair_text(query_seen, text) for text in seen]
     else:
