@@ -103,6 +103,11 @@ bench-backends: install  ## torch vs ONNX fp32 vs ONNX int8: texts/s, fidelity, 
 
 .PHONY: bench-backends
 
+bench-recall: install  ## recall@10 of each embedding_type against float32, plain and rescored
+	$(BIN)/python -m benchmarks.recall_types --docs 1000 --queries 100
+
+.PHONY: bench-recall
+
 bench-batch-fairness: install  ## online p50/p95/max alone and beside a 40,960-text batch in one server, its RSS growth
 	$(BIN)/python -m benchmarks.batch_fairness --lines 20 --inputs 2048
 

@@ -13,7 +13,8 @@ Systems:
 Workloads (benchmarks/load.py), each on texts no earlier workload sent:
   batches    unique texts, 32 per request, 2 clients (base64)
   singles    64 clients, one unique text per request
-  hot        64 clients, one cached text per request (float; then base64)
+  hot        64 clients, one cached text per request (float; then base64; then embedding_type
+             int8 and binary, float32 again around them: their cost against float32's)
   zipf       64 clients, 1,000 distinct texts with Zipf(1.1) popularity; hit rate = the share
              of texts served that the model did not compute, against the stream's ideal
 
@@ -53,6 +54,8 @@ from tests.server_process import ServerProcess
 
 console = Console(stderr=True)  # progress; the report goes to stdout
 ZIPF_DISTINCT = 1000
+# embedding_type of the cache-hit rows beside float32's.
+OUTPUT_TYPES = ("int8", "binary")
 HOT_TEXTS = 64
 
 
@@ -169,6 +172,19 @@ def run_all(
     measure(embedpipe, "hot", run_hot(embedpipe.url, texts.hot, plan.hot_requests))
     hot_base64 = run_hot(embedpipe.url, texts.hot, plan.hot_requests, encoding_format="base64")
     measure(embedpipe, "hot_base64", hot_base64)
+    # Each output type between two float32 runs: a burst of load on the shared machine then
+    # shows in the float32 figure it is compared with.
+    for kind in OUTPUT_TYPES:
+        measure(
+            embedpipe,
+            f"hot_{kind}",
+            run_hot(embedpipe.url, texts.hot, plan.hot_requests, embedding_type=kind),
+        )
+        measure(
+            embedpipe,
+            f"hot_float32_after_{kind}",
+            run_hot(embedpipe.url, texts.hot, plan.hot_requests),
+        )
     measure(naive, "hot", run_hot(naive.url, texts.hot, plan.hot_requests))
     for key, path in (("bare", "/bare"), ("bare_typed", "/bare-typed")):
         measure(naive, key, run_hot(naive.url, texts.hot, plan.hot_requests, path=path))
@@ -229,6 +245,12 @@ def report(results: Results, header: list[str]) -> str:
         )
     hot64 = _requests(ours["hot_base64"])
     lines.append(f"| cache hit, base64, 64 clients (req/s) | - | - | {hot64:,.1f} | - | - |")
+    for kind in OUTPUT_TYPES:
+        typed, floats = _requests(ours[f"hot_{kind}"]), _requests(ours[f"hot_float32_after_{kind}"])
+        lines.append(
+            f"| cache hit, embedding_type {kind}, 64 clients (req/s) | - | - | {typed:,.1f} | - "
+            f"| {kind} / float32 just after: {_ratio(typed, floats, 0.95)} |"
+        )
     for label, key in (
         ("bare FastAPI, one fixed 384-float JSON, default encoder (req/s)", "bare"),
         ("bare FastAPI, the same with a typed response model (req/s)", "bare_typed"),
@@ -251,6 +273,7 @@ def report(results: Results, header: list[str]) -> str:
         ("singles", "64 clients, one text each"),
         ("hot", "cache hit"),
         ("hot_base64", "cache hit, base64"),
+        *((f"hot_{kind}", f"cache hit, {kind}") for kind in OUTPUT_TYPES),
         ("zipf", "Zipf"),
     ):
         lines.append(f"| {label} | {_latency(naive.get(key))} | {_latency(ours.get(key))} |")
