@@ -129,3 +129,19 @@ def _write_atomically(path: Path, vectors: npt.NDArray[np.float16]) -> None:
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
+
+
+def write_shipped_record() -> Path:
+    """Recompute the bundled model's record into the package (after its fingerprint changed:
+    a test fails when the bundled model has no shipped record). Minutes of model time:
+
+        python -c "from embedpipe.quantization.calibration import write_shipped_record as w; w()"
+    """
+    from embedpipe.embedders.registry import load_embedder, parse_model_specs
+    from embedpipe.settings import Settings
+
+    settings = Settings()
+    embedder = load_embedder(parse_model_specs("all-MiniLM-L6-v2", "")[0], settings)
+    target = Path(__file__).with_name("records") / record_name(embedder.fingerprint)
+    np.save(target, calibrate(embedder))
+    return target
