@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from embedpipe.inputs import TokenDecoder, normalize_input
@@ -90,7 +92,7 @@ def prepare(
 
 def output_vectors(
     prepared: PreparedRequest, result: EmbedResult, embedding_type: EmbeddingType
-) -> Any:
+) -> npt.NDArray[np.generic]:
     """The result's vectors cut to ``dimensions`` (renormalised), then made ``embedding_type``:
     always in that order, so int8 buckets and sign bits are those of the vector served."""
     vectors = truncate(result.vectors, prepared.dimensions)
