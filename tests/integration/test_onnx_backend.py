@@ -144,7 +144,9 @@ def onnx_server(
         },
         root / "server.log",
     )
-    server.start()
+    # Its first start calibrates the ONNX model's int8 ranges (no shipped record for this
+    # backend's fingerprint): 256 texts through the model, a minute or more on 2 shared cores.
+    server.start(timeout=480)
     yield server
     server.stop()
 
