@@ -153,7 +153,7 @@ def onnx_server(
 
 @pytest.mark.server
 def test_a_server_on_the_onnx_backend_answers_embeddings(
-    onnx_server: ServerProcess, reference_model: Any
+    onnx_server: ServerProcess, reference_model: Any, data_dir: Path
 ) -> None:
     texts = [text for text in TEXTS if text]  # the API refuses empty inputs
     reply = httpx.post(
@@ -169,4 +169,12 @@ def test_a_server_on_the_onnx_backend_answers_embeddings(
     )
     stats = httpx.get(f"{onnx_server.url}/stats", timeout=10).json()
     assert [model["backend"] for model in stats["models"]] == ["onnx"]
+    # Its int8 ranges: calibrated at its first start, recorded under its own fingerprint.
+    assert len(list((data_dir / "calibration").glob("*.npy"))) == 1
+    int8 = httpx.post(
+        f"{onnx_server.url}/v1/embeddings",
+        json={"model": MODEL, "input": texts, "embedding_type": "int8"},
+        timeout=60,
+    )
+    assert int8.status_code == 200, int8.text
     assert "reusing the ONNX export" in onnx_server.logs()
