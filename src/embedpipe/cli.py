@@ -17,6 +17,10 @@ from rich.table import Table
 from embedpipe.logs import LogFormat, logging_config
 from embedpipe.settings import Settings
 
+# embedpipe.quantization.EmbeddingType, spelled here: importing it would load numpy before a
+# usage error could be reported.
+OutputType = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+
 app = typer.Typer(help="embedpipe: text embeddings as a service.", no_args_is_help=True)
 cache_app = typer.Typer(help="Inspect or clear the cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -268,10 +272,10 @@ def embed(
         typer.Option(min=1, help="--server: rows per submitted batch (the server's limit)."),
     ] = 50_000,
     embedding_type: Annotated[
-        Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+        OutputType,
         typer.Option(
             help="The vectors' type, stored natively (binary/ubinary: packed sign bits, "
-            "dims / 8 bytes). Not yet with --server."
+            "dims / 8 bytes)."
         ),
     ] = "float32",
 ) -> None:
@@ -286,9 +290,6 @@ def embed(
     from embedpipe.errors import EmbedpipeError
 
     err = Console(stderr=True)
-    if server is not None and embedding_type != "float32":
-        err.print("[red]error:[/red] --embedding-type is not available with --server yet")
-        raise typer.Exit(2)
     if server is not None:
         _embed_on_server(
             err,
@@ -303,6 +304,7 @@ def embed(
             on_error=on_error,
             batch_rows=batch_rows,
             quiet=quiet,
+            embedding_type=embedding_type,
         )
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -351,6 +353,7 @@ def _embed_on_server(
     on_error: str,
     batch_rows: int,
     quiet: bool,
+    embedding_type: OutputType,
 ) -> None:
     from openai import APIError, APIStatusError, OpenAI, OpenAIError
 
@@ -371,6 +374,7 @@ def _embed_on_server(
             id_field=id_field,
             on_error=on_error,
             batch_rows=batch_rows,
+            embedding_type=embedding_type,
         )
 
         def notice(message: str) -> None:
