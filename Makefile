@@ -114,6 +114,11 @@ bench-startup: install  ## per backend: /ready after start, RSS, first request v
 
 .PHONY: bench-startup
 
+bench-recall: install  ## recall@10 of each embedding_type against float32, plain and rescored
+	$(BIN)/python -m benchmarks.recall_types --docs 1000 --queries 100
+
+.PHONY: bench-recall
+
 bench-batch-fairness: install  ## online p50/p95/max alone and beside a 40,960-text batch in one server, its RSS growth
 	$(BIN)/python -m benchmarks.batch_fairness --lines 20 --inputs 2048
 

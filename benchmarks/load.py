@@ -71,9 +71,14 @@ class Outcome:
 
 
 def embeddings_request(
-    texts: Sequence[str] | str, encoding_format: str = "float", model: str = MODEL
+    texts: Sequence[str] | str,
+    encoding_format: str = "float",
+    model: str = MODEL,
+    embedding_type: str = "float32",
 ) -> Request:
     body = {"model": model, "input": texts, "encoding_format": encoding_format}
+    if embedding_type != "float32":
+        body["embedding_type"] = embedding_type
     return Request(orjson.dumps(body), 1 if isinstance(texts, str) else len(texts))
 
 
@@ -160,13 +165,17 @@ async def run_hot(
     clients: int = 64,
     encoding_format: str = "float",
     path: str = EMBEDDINGS_PATH,
+    embedding_type: str = "float32",
 ) -> Outcome:
     """``total`` requests for ``texts``, which are sent once first so that they are cached."""
     if path == EMBEDDINGS_PATH:
         await drive(url, [embeddings_request(list(texts), encoding_format)], 1, path=path)
-    requests = [embeddings_request(texts[i % len(texts)], encoding_format) for i in range(total)]
+    requests = [
+        embeddings_request(texts[i % len(texts)], encoding_format, embedding_type=embedding_type)
+        for i in range(total)
+    ]
     seconds, latencies = await drive(url, requests, clients, path=path)
-    return Outcome(f"hot ({encoding_format})", total, total, seconds, latencies)
+    return Outcome(f"hot ({encoding_format}, {embedding_type})", total, total, seconds, latencies)
 
 
 async def run_zipf(

@@ -13,7 +13,9 @@ Systems:
 Workloads (benchmarks/load.py), each on texts no earlier workload sent:
   batches    unique texts, 32 per request, 2 clients (base64)
   singles    64 clients, one unique text per request
-  hot        64 clients, one cached text per request (float; then base64)
+  hot        64 clients, one cached text per request (float; then base64; then embedding_type
+             float32, int8 and binary in 6 rounds of rotating order: the server's CPU time a
+             request for each, against float32's)
   zipf       64 clients, 1,000 distinct texts with Zipf(1.1) popularity; hit rate = the share
              of texts served that the model did not compute, against the stream's ideal
 
@@ -53,6 +55,9 @@ from tests.server_process import ServerProcess
 
 console = Console(stderr=True)  # progress; the report goes to stdout
 ZIPF_DISTINCT = 1000
+# embedding_type of the cache-hit rows beside float32's, in alternating rounds.
+OUTPUT_TYPES = ("int8", "binary")
+TYPE_ROUNDS = 6
 HOT_TEXTS = 64
 
 
@@ -122,6 +127,13 @@ def embedpipe_model_work(url: str) -> tuple[int, int]:
     return int(served), int(computed)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far: what a request costs the
+    server, whatever the machine's other tenants do to the wall clock."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -144,6 +156,8 @@ class Results:
     raw: dict[str, float] = field(default_factory=dict)
     served: dict[str, dict[str, Outcome]] = field(default_factory=dict)
     rss: dict[str, float] = field(default_factory=dict)
+    # embedding_type -> (server CPU seconds, requests) on cache hits
+    server_time: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def run_all(
@@ -169,6 +183,28 @@ def run_all(
     measure(embedpipe, "hot", run_hot(embedpipe.url, texts.hot, plan.hot_requests))
     hot_base64 = run_hot(embedpipe.url, texts.hot, plan.hot_requests, encoding_format="base64")
     measure(embedpipe, "hot_base64", hot_base64)
+    # The output types against float32 in rounds whose order rotates (float32, int8, binary;
+    # int8, binary, float32; ...): load bursts and drift weigh on each of them alike. The
+    # server's cost is its CPU time a request (wall-clock rates move with the other tenants).
+    kinds = ("float32", *OUTPUT_TYPES)
+    share = max(1, plan.hot_requests // TYPE_ROUNDS)
+    for round_number in range(TYPE_ROUNDS):
+        shift = round_number % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:
+            cpu_before = cpu_seconds(embedpipe.pid)
+            outcome = asyncio.run(run_hot(embedpipe.url, texts.hot, share, embedding_type=kind))
+            cpu_after = cpu_seconds(embedpipe.pid)
+            served = results.served["embedpipe"]
+            served[f"hot_{kind}"] = _merged(served.get(f"hot_{kind}"), outcome)
+            spent, answered = results.server_time.get(kind, (0.0, 0.0))
+            # +1: run_hot's first request, which puts the texts in the cache.
+            results.server_time[kind] = (spent + cpu_after - cpu_before, answered + share + 1)
+    for kind in kinds:
+        outcome = results.served["embedpipe"][f"hot_{kind}"]
+        console.print(
+            f"  embedpipe hot_{kind:11} {outcome.requests_per_second:8,.1f} req/s, "
+            f"{_server_ms(results, kind):.3f} ms server CPU a request"
+        )
     measure(naive, "hot", run_hot(naive.url, texts.hot, plan.hot_requests))
     for key, path in (("bare", "/bare"), ("bare_typed", "/bare-typed")):
         measure(naive, key, run_hot(naive.url, texts.hot, plan.hot_requests, path=path))
@@ -229,6 +265,15 @@ def report(results: Results, header: list[str]) -> str:
         )
     hot64 = _requests(ours["hot_base64"])
     lines.append(f"| cache hit, base64, 64 clients (req/s) | - | - | {hot64:,.1f} | - | - |")
+    floats, float_ms = _requests(ours["hot_float32"]), _server_ms(results, "float32")
+    for kind in OUTPUT_TYPES:
+        typed, typed_ms = _requests(ours[f"hot_{kind}"]), _server_ms(results, kind)
+        lines.append(
+            f"| cache hit, embedding_type {kind}, 64 clients (req/s) | - | - | {typed:,.1f} | - "
+            f"| server CPU a request, {kind} / float32 in the same rounds ({typed_ms:.3f} / "
+            f"{float_ms:.3f} ms): {_ratio(typed_ms, float_ms, None)} (goal ≤ 1.05); "
+            f"req/s {kind} / float32 ({floats:,.1f}): {typed / floats:.2f} |"
+        )
     for label, key in (
         ("bare FastAPI, one fixed 384-float JSON, default encoder (req/s)", "bare"),
         ("bare FastAPI, the same with a typed response model (req/s)", "bare_typed"),
@@ -251,6 +296,10 @@ def report(results: Results, header: list[str]) -> str:
         ("singles", "64 clients, one text each"),
         ("hot", "cache hit"),
         ("hot_base64", "cache hit, base64"),
+        *(
+            (f"hot_{kind}", f"cache hit, {kind} (alternating rounds)")
+            for kind in ("float32", *OUTPUT_TYPES)
+        ),
         ("zipf", "Zipf"),
     ):
         lines.append(f"| {label} | {_latency(naive.get(key))} | {_latency(ours.get(key))} |")
@@ -260,6 +309,24 @@ def report(results: Results, header: list[str]) -> str:
         f"naive {results.rss['naive']:,.0f} MiB.",
     ]
     return "\n".join(lines)
+
+
+def _server_ms(results: Results, kind: str) -> float:
+    seconds, requests = results.server_time[kind]
+    return 1000 * seconds / requests if requests else 0.0
+
+
+def _merged(total: Outcome | None, more: Outcome) -> Outcome:
+    """Two runs of one workload as one."""
+    if total is None:
+        return more
+    return Outcome(
+        more.workload,
+        total.requests + more.requests,
+        total.texts + more.texts,
+        total.seconds + more.seconds,
+        total.latencies + more.latencies,
+    )
 
 
 def _texts(outcome: Outcome) -> float:

@@ -20,6 +20,10 @@ from embedpipe.embedders.tokens import LongText
 from embedpipe.logs import LogFormat, logging_config
 from embedpipe.settings import Settings
 
+# embedpipe.quantization.EmbeddingType, spelled here: importing it would load numpy before a
+# usage error could be reported.
+OutputType = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+
 app = typer.Typer(help="embedpipe: text embeddings as a service.", no_args_is_help=True)
 cache_app = typer.Typer(help="Inspect or clear the cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -345,10 +349,10 @@ def embed(
         typer.Option(help="A text past the model's window: cut (truncate) or its windows' mean."),
     ] = "truncate",
     embedding_type: Annotated[
-        Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+        OutputType,
         typer.Option(
             help="The vectors' type, stored natively (binary/ubinary: packed sign bits, "
-            "dims / 8 bytes). Not yet with --server."
+            "dims / 8 bytes)."
         ),
     ] = "float32",
 ) -> None:
@@ -364,9 +368,6 @@ def embed(
 
     err = Console(stderr=True)
     request = RequestOptions(input_type=input_type, long_text=long_text)
-    if server is not None and embedding_type != "float32":
-        err.print("[red]error:[/red] --embedding-type is not available with --server yet")
-        raise typer.Exit(2)
     if server is not None:
         _embed_on_server(
             err,
@@ -382,6 +383,7 @@ def embed(
             batch_rows=batch_rows,
             quiet=quiet,
             request=request,
+            embedding_type=embedding_type,
         )
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -432,6 +434,7 @@ def _embed_on_server(
     batch_rows: int,
     quiet: bool,
     request: RequestOptions,
+    embedding_type: OutputType,
 ) -> None:
     from openai import APIError, APIStatusError, OpenAI, OpenAIError
 
@@ -453,6 +456,7 @@ def _embed_on_server(
             on_error=on_error,
             batch_rows=batch_rows,
             request=request,
+            embedding_type=embedding_type,
         )
 
         def notice(message: str) -> None:

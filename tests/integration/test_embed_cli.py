@@ -469,10 +469,6 @@ def test_usage_errors_need_no_model(tmp_path: Path) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = embed_cli(tmp_path, "in.jsonl", "--server", nobody, check=False)
     assert result.returncode == 1 and f"cannot reach {nobody}" in result.stderr
-    result = embed_cli(
-        tmp_path, "in.jsonl", "--server", nobody, "--embedding-type", "int8", check=False
-    )
-    assert result.returncode == 2 and "not available with --server" in result.stderr
     result = embed_cli(tmp_path, "in.jsonl", "--embedding-type", "int4", check=False)
     assert result.returncode == 2 and "int4" in result.stderr
 
@@ -536,3 +532,35 @@ def test_on_a_server_as_batches_killed_then_picked_up_row_by_row(
 
     again = embed_cli(tmp_path, *args)
     assert "already complete" in again.stderr
+
+
+@pytest.mark.model
+@pytest.mark.server
+def test_on_a_server_an_output_type_is_the_servers_bytes(
+    tmp_path: Path, embedded_server: ServerProcess
+) -> None:
+    from embedpipe.datasets.remote import RemoteJob, run_remote_job
+
+    texts = [f"{TEXTS[i % len(TEXTS)]} (typed row {i})" for i in range(12)]
+    source = write_jsonl(tmp_path / "in.jsonl", texts)
+    output = tmp_path / "out.npy"
+    job = RemoteJob(
+        server=embedded_server.url,
+        input=source,
+        output=output,
+        format="npy",
+        embedding_type="int8",
+        poll_seconds=0.2,
+    )
+    with OpenAI(base_url=f"{embedded_server.url}/v1", api_key="unused") as client:
+        report = run_remote_job(client, job)
+        online = client.embeddings.create(
+            model="all-MiniLM-L6-v2",
+            input=texts,
+            encoding_format="float",
+            extra_body={"embedding_type": "int8"},
+        )
+    assert report.rows == len(texts)
+    stored = np.load(output)
+    assert stored.dtype == np.int8 and stored.shape == (len(texts), 384)
+    np.testing.assert_array_equal(stored, [item.embedding for item in online.data])

@@ -201,14 +201,16 @@ def onnx_server(
         },
         root / "server.log",
     )
-    server.start()
+    # Its first start calibrates the ONNX model's int8 ranges (no shipped record for this
+    # backend's fingerprint): 256 texts through the model, a minute or more on 2 shared cores.
+    server.start(timeout=480)
     yield server
     server.stop()
 
 
 @pytest.mark.server
 def test_a_server_on_the_onnx_backend_answers_embeddings_without_torch(
-    onnx_server: ServerProcess, guard_log: Path, reference_model: Any
+    onnx_server: ServerProcess, guard_log: Path, reference_model: Any, data_dir: Path
 ) -> None:
     texts = [text for text in TEXTS if text]  # the API refuses empty inputs
     reply = httpx.post(
@@ -224,6 +226,14 @@ def test_a_server_on_the_onnx_backend_answers_embeddings_without_torch(
     )
     stats = httpx.get(f"{onnx_server.url}/stats", timeout=10).json()
     assert [model["backend"] for model in stats["models"]] == ["onnx"]
+    # Its int8 ranges: calibrated at its first start, recorded under its own fingerprint.
+    assert len(list((data_dir / "calibration").glob("*.npy"))) == 1
+    int8 = httpx.post(
+        f"{onnx_server.url}/v1/embeddings",
+        json={"model": MODEL, "input": texts, "embedding_type": "int8"},
+        timeout=60,
+    )
+    assert int8.status_code == 200, int8.text
     logs = onnx_server.logs()
     assert "reusing the ONNX export" in logs
     # Empty because nothing asked, not because the guard was absent: the same environment

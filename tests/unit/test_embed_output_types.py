@@ -253,3 +253,18 @@ async def test_vectors_served_are_counted_by_output_type(client: httpx.AsyncClie
     )
     after = {name: _outputs(name) - before[name] for name in before}
     assert after == {"float32": 2.0, "int8": 3.0, "binary": 1.0}
+
+
+async def test_v1_embed_without_types_answers_cohere_v1s_float_shape(
+    client: httpx.AsyncClient,
+) -> None:
+    reply = await client.post("/v1/embed", json={"model": "fake", "texts": TEXTS})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["response_type"] == "embeddings_floats"
+    np.testing.assert_allclose(body["embeddings"], _expected(TEXTS, "float32"), rtol=1e-6)
+    typed = await client.post(
+        "/v1/embed", json={"model": "fake", "texts": TEXTS, "embedding_types": ["ubinary"]}
+    )
+    assert typed.json()["response_type"] == "embeddings_by_type"
+    assert typed.json()["embeddings"]["ubinary"] == _expected(TEXTS, "ubinary")

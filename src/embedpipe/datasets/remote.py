@@ -48,6 +48,7 @@ from embedpipe.datasets.options import RequestOptions
 from embedpipe.datasets.progress import JobReport, ProgressUpdate
 from embedpipe.datasets.workdir import atomic_write, file_identity, fsync_dir
 from embedpipe.errors import DatasetError
+from embedpipe.quantization import EmbeddingType, output_layout
 
 STATE_VERSION = 1
 # The server's default limits per batch (EMBEDPIPE_JOBS__MAX_REQUESTS_PER_BATCH, 50,000, and
@@ -76,6 +77,8 @@ class RemoteJob:
     batch_bytes: int = DEFAULT_BATCH_BYTES
     poll_seconds: float = 1.0
     request: RequestOptions = field(default_factory=RequestOptions)
+    # Asked of the server in every line (it holds the model's int8 ranges).
+    embedding_type: EmbeddingType = "float32"
 
     @property
     def state_path(self) -> Path:
@@ -108,6 +111,8 @@ def run_remote_job(
         "batch_rows": job.batch_rows,
         "batch_bytes": job.batch_bytes,
         **job.request.fields,
+        # Only when asked: the float32 job keys of earlier runs stay valid.
+        **({"embedding_type": job.embedding_type} if job.embedding_type != "float32" else {}),
     }
     job_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     state = _read_state(job.state_path)
@@ -257,7 +262,7 @@ def _segments(reader: RowReader, job: RemoteJob, model: str) -> Iterator[_Segmen
                 )
             segment.bad.append(row)
             continue
-        line = _request_line(row, model, job.request.fields)
+        line = _request_line(row, model, job.request.fields, job.embedding_type)
         full = segment.rows >= job.batch_rows
         if segment.rows and (full or segment.lines.tell() + len(line) > job.batch_bytes):
             yield segment
@@ -268,8 +273,12 @@ def _segments(reader: RowReader, job: RemoteJob, model: str) -> Iterator[_Segmen
         yield segment
 
 
-def _request_line(row: Row, model: str, fields: dict[str, str]) -> bytes:
+def _request_line(
+    row: Row, model: str, fields: dict[str, str], embedding_type: EmbeddingType = "float32"
+) -> bytes:
     body = {"model": model, "input": row.text, "encoding_format": "base64", **fields}
+    if embedding_type != "float32":
+        body["embedding_type"] = embedding_type
     request = {"custom_id": str(row.id), "method": "POST", "url": "/v1/embeddings", "body": body}
     return json.dumps(request, ensure_ascii=False).encode() + b"\n"
 
@@ -350,18 +359,23 @@ def _download(
     first = next(lines, None)
     if first is None:
         raise DatasetError(f"the server's output files hold no rows, expected {rows}")
-    dims = int(_vector(first).shape[0])
+    dtype = output_layout(job.embedding_type, 0)[1]
+    dims = int(_vector(first, dtype).shape[0])
     tmp = job.output.with_name(f".{job.output.name}.downloading")
     written = 0
-    metadata = {"embedpipe.model": model, "embedpipe.server": job.server}
+    metadata = {
+        "embedpipe.model": model,
+        "embedpipe.server": job.server,
+        "embedpipe.embedding_type": job.embedding_type,
+    }
     with open_writer(
-        tmp, job.format, dims=dims, id_type=id_type, rows=rows, metadata=metadata
+        tmp, job.format, dims=dims, id_type=id_type, rows=rows, metadata=metadata, dtype=dtype
     ) as writer:
         ids: list[RowId] = []
         vectors: list[np.ndarray] = []
         for line in itertools.chain([first], lines):
             ids.append(int(line["custom_id"]) if id_type == pa.int64() else line["custom_id"])
-            vectors.append(_vector(line))
+            vectors.append(_vector(line, dtype))
             if len(ids) == _WRITE_ROWS:
                 writer.write(ids, np.stack(vectors))
                 written += len(ids)
@@ -389,11 +403,12 @@ def _output_lines(client: OpenAI, batches: list[Batch]) -> Iterator[dict[str, An
                     yield json.loads(text)
 
 
-def _vector(line: dict[str, Any]) -> np.ndarray:
+def _vector(line: dict[str, Any], dtype: np.dtype[Any]) -> np.ndarray:
+    """A line's vector: base64, the raw bytes of the asked type (``dtype``)."""
     embedding = line["response"]["body"]["data"][0]["embedding"]
     if isinstance(embedding, str):
-        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
-    return np.asarray(embedding, dtype=np.float32)
+        return np.frombuffer(base64.b64decode(embedding), dtype=dtype)
+    return np.asarray(embedding, dtype=dtype)
 
 
 def _report_errors(client: OpenAI, batches: list[Batch], say: Notice) -> int:

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from embedpipe.embedders.prompts import InputType
@@ -165,7 +167,7 @@ async def embed_inputs(
 
 def output_vectors(
     prepared: PreparedRequest, result: EmbedResult, embedding_type: EmbeddingType
-) -> Any:
+) -> npt.NDArray[np.generic]:
     """The result's vectors cut to ``dimensions`` (renormalised), then made ``embedding_type``:
     always in that order, so int8 buckets and sign bits are those of the vector served."""
     vectors = truncate(result.vectors, prepared.dimensions)

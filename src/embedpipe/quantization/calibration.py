@@ -48,6 +48,7 @@ class Calibration:
         self.fingerprint = fingerprint
         self._vectors = np.asarray(vectors, dtype=np.float32)
         self._ranges: dict[int, npt.NDArray[np.float32]] = {}
+        self._buckets: dict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = {}
 
     @property
     def vectors(self) -> npt.NDArray[np.float32]:
@@ -64,6 +65,18 @@ class Calibration:
             cut = truncate(self._vectors, width)
             cached = np.vstack((cut.min(axis=0), cut.max(axis=0))).astype(np.float32)
             self._ranges[width] = cached
+        return cached
+
+    def buckets(self, width: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """``(starts, steps)`` of the 255 buckets per dimension, as ``quantize_embeddings``
+        derives them from :meth:`ranges` (a step of 0 becomes 1): kept, not redone per call."""
+        cached = self._buckets.get(width)
+        if cached is None:
+            ranges = self.ranges(width)
+            starts = ranges[0]
+            steps = (ranges[1] - starts) / 255
+            cached = starts, np.where(steps == 0, 1, steps).astype(np.float32)
+            self._buckets[width] = cached
         return cached
 
 
@@ -129,3 +142,19 @@ def _write_atomically(path: Path, vectors: npt.NDArray[np.float16]) -> None:
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
+
+
+def write_shipped_record() -> Path:
+    """Recompute the bundled model's record into the package (after its fingerprint changed:
+    a test fails when the bundled model has no shipped record). Minutes of model time:
+
+        python -c "from embedpipe.quantization.calibration import write_shipped_record as w; w()"
+    """
+    from embedpipe.embedders.registry import load_embedder, parse_model_specs
+    from embedpipe.settings import Settings
+
+    settings = Settings()
+    embedder = load_embedder(parse_model_specs("all-MiniLM-L6-v2", "")[0], settings)
+    target = Path(__file__).with_name("records") / record_name(embedder.fingerprint)
+    np.save(target, calibrate(embedder))
+    return target

@@ -93,14 +93,14 @@ def quantize(
     if embedding_type in ("int8", "uint8"):
         if calibration is None:
             raise ValueError("int8 and uint8 need a calibration")
-        ranges = calibration.ranges(vectors.shape[1])
-        starts = ranges[0]
-        steps = (ranges[1] - starts) / _BUCKETS
-        steps = np.where(steps == 0, 1, steps)
-        levels: npt.NDArray[np.float32] = np.clip(np.floor((vectors - starts) / steps), 0, _BUCKETS)
+        starts, steps = calibration.buckets(vectors.shape[1])
+        levels: npt.NDArray[np.float32] = np.floor((vectors - starts) / steps)
+        # clip(levels, 0, 255), in place: np.clip costs more than the rest on one vector.
+        np.minimum(np.maximum(levels, 0, out=levels), _BUCKETS, out=levels)
         if embedding_type == "uint8":
             return levels.astype(np.uint8)
-        return (levels - 128).astype(np.int8)
+        levels -= 128
+        return levels.astype(np.int8)
     packed = np.packbits(vectors > 0, axis=-1)
     if embedding_type == "ubinary":
         return packed
