@@ -159,3 +159,30 @@ async def test_a_corrupt_or_foreign_l2_entry_is_a_miss_never_served(tmp_path: Pa
     finally:
         await batcher.stop()
         await cache.close()
+
+
+async def test_misses_of_concurrent_requests_share_a_model_call(tmp_path: Path) -> None:
+    """A request still looking up L2 is company worth waiting for (issue 20: a lone request
+    no longer waits, so the wait must still gather requests that are on their way)."""
+    embedder = FakeEmbedder(name="fake")
+    registry = ModelRegistry()
+    registry.add(ModelSpec(name="fake", source="memory"), embedder)
+    batcher = MicroBatcher(embedder, BatchingSettings(max_wait_ms=1000.0))
+    l2 = await SqliteTier(tmp_path / "cache.sqlite3", 1 << 20, 0).open()
+    cache = TieredCache(MemoryTier(1 << 20), l2)
+    service = EmbeddingService(registry, {"fake": batcher}, cache, CacheSettings())
+    batcher.start()
+    many = [f"text {i}" for i in range(4000)]
+    try:
+        # The short request's lookup ends first; the long one's is still running then.
+        alone, crowd = await asyncio.gather(
+            service.embed("fake", ["solo"]), service.embed("fake", many)
+        )
+    finally:
+        await batcher.stop()
+        await cache.close()
+    assert "solo" in embedder.calls[0]
+    assert len(embedder.calls[0]) > 1
+    assert sorted(text for call in embedder.calls for text in call) == sorted([*many, "solo"])
+    np.testing.assert_allclose(alone.vectors[0], vector_for("solo"))
+    np.testing.assert_allclose(crowd.vectors[7], vector_for("text 7"))
