@@ -142,6 +142,13 @@ class MicroBatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self._model}")
 
+    async def warm_up(self, texts: Sequence[str]) -> None:
+        """One model call on the model's thread, before :meth:`start`. OpenMP keeps a pool of
+        worker threads per calling thread; a warm-up on another thread leaves a second pool,
+        and with more pooled threads than cores libgomp spins 100 times instead of 10,000."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._embedder.embed, list(texts))
+
     async def stop(self) -> None:
         """Fail what still waits, stop the loop, then let a running model call finish."""
         self._closed = True

@@ -73,12 +73,13 @@ class Runtime:
                     registry.add(spec, upstream)
                 else:
                     embedder = await asyncio.to_thread(load_embedder, spec, settings)
-                    # Warm up: the first call allocates and is several times slower than the
-                    # rest.
-                    await asyncio.to_thread(embedder.embed, ["warm up the model", "a second text"])
                     registry.add(spec, embedder)
-                    batcher = MicroBatcher(embedder, settings.batching)
-                    stack.push_async_callback(batcher.stop)
+                    micro = MicroBatcher(embedder, settings.batching)
+                    stack.push_async_callback(micro.stop)
+                    # Warm up: the first call allocates and is several times slower than the
+                    # rest. On the model's own thread, whose OpenMP threads serve every call.
+                    await micro.warm_up(["warm up the model", "a second text"])
+                    batcher = micro
                 batchers[spec.name] = batcher
             log.info("serving %d model(s) with %d intra-op threads", len(registry), threads)
             for batcher in batchers.values():

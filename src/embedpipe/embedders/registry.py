@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from embedpipe.embedders.base import Embedder, ServedModel
+from embedpipe.embedders.threads import configure_openmp_wait
 from embedpipe.errors import InvalidInput, ModelNotFound
 from embedpipe.settings import Settings
 
@@ -93,7 +94,12 @@ def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
             threads=settings.model_threads or available_cores(),
             expected_sha256=expected_sha256,
         )
-    return SentenceTransformerEmbedder(spec.name, path, expected_sha256=expected_sha256)
+    return SentenceTransformerEmbedder(
+        spec.name,
+        path,
+        expected_sha256=expected_sha256,
+        threads=settings.model_threads or available_cores(),
+    )
 
 
 def available_cores() -> int:
@@ -110,12 +116,10 @@ def available_cores() -> int:
 
 
 def configure_threads(model_threads: int) -> int:
-    """Match torch's intra-op threads to the cores available (one inference at a time)."""
-    # OpenMP's threads busy-wait between parallel regions by default: on cores shared with
-    # the event loop (or anything else), 2 torch threads then ran at 0.45-0.6x the speed of
-    # 1; waiting passively, at 0.9-1.2x. Read when torch loads OpenMP, so set before the
-    # first import; an operator's own OMP_WAIT_POLICY wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Match torch's intra-op threads to the cores available (one inference at a time), their
+    OpenMP waits bounded (``embedders/threads.py``; an operator's OMP_WAIT_POLICY wins). Each
+    call may then use fewer while other processes take the cores (``ThreadGovernor``)."""
+    configure_openmp_wait()
     import torch
 
     threads = model_threads or available_cores()

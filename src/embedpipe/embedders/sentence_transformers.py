@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from embedpipe.embedders.base import ModelInfo, Vectors, fingerprint_of
+from embedpipe.embedders.threads import ThreadGovernor
 from embedpipe.embedders.window import WindowClipper
 from embedpipe.errors import ModelLoadError
 
@@ -78,13 +79,17 @@ class SentenceTransformerEmbedder:
         *,
         expected_sha256: str | None = None,
         prompt: str = "",
+        threads: int = 0,
     ) -> None:
+        """``threads``: the most intra-op threads a call may use (0: torch's current setting)."""
         weights_sha256 = checked_weights(name, model_dir, expected_sha256)
         # The hub must never be reached, whatever the caller's environment says.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
         from sentence_transformers import SentenceTransformer
 
         self._model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+        self._governor = ThreadGovernor(threads or torch.get_num_threads(), torch.set_num_threads)
         self._model.eval()
         self._prompt = prompt
         max_tokens = self._model.max_seq_length
@@ -136,6 +141,9 @@ class SentenceTransformerEmbedder:
         return [self._clipper.clip(text) for text in texts]
 
     def embed(self, texts: Sequence[str]) -> Vectors:
+        return self._governor.run(lambda: self._encode(texts))
+
+    def _encode(self, texts: Sequence[str]) -> Vectors:
         vectors = self._model.encode(
             list(texts),
             prompt=self._prompt or None,
