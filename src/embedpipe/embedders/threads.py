@@ -12,10 +12,14 @@ regions a worker thread either spins or sleeps:
   (3 sleeps per call instead of 163) and then sleeps.
 
 Spinning only pays while the cores are free. When other processes take them, a spinning thread
-waits for a partner that is not running: 2 threads then served fewer texts/s than 1. So
-:class:`ThreadGovernor` watches the CPU time the process really gets during each call and runs
-the next calls on one thread while it gets much less than its cores, trying all of them again
-every few seconds. Nobody has to tune it; ``EMBEDPIPE_MODEL_THREADS`` caps it.
+waits for a partner that is not running (measured under a load average of 10-13 on 2 cores:
+10.6-11.7 texts/s spinning against 11.5-25.6 sleeping), and one thread alone gets one share
+of the contended cores instead of two (6.6-12 texts/s in batches against 17-29). libgomp reads
+its spin count once, but spins only ~100 times whenever its threads outnumber the cores. So
+:class:`ThreadGovernor` watches the CPU time the process really gets during each call and,
+while it gets under 60% of its cores, runs the calls on one thread more than the cores (which
+then sleep at once, as PASSIVE did); every 2 s one call on the cores alone tests whether they
+are free again. Nobody has to tune it; ``EMBEDPIPE_MODEL_THREADS`` sets the cores.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def configure_openmp_wait() -> None:
 
 
 class ThreadGovernor:
-    """Chooses each model call's intra-op threads from the CPU the last calls got.
+    """Chooses each model call's intra-op threads from the CPU the last calls got: the cores
+    (spinning) while the process gets them, one more (sleeping) while it does not.
 
     ``set_threads`` is called on the model's own thread (OpenMP's team size is per thread)."""
 
@@ -59,6 +64,9 @@ class ThreadGovernor:
         self._cores = max(1, cores)
         self._set_threads = set_threads
         self._threads = self._cores
+        # Contended: one thread more than the cores. libgomp then spins only ~100 times (it
+        # does so whenever its threads outnumber the cores), which is sleeping at once.
+        self._contended = self._cores + 1
         self._next_probe = 0.0
 
     @property
@@ -68,7 +76,7 @@ class ThreadGovernor:
     def run(self, call: Callable[[], T]) -> T:
         """``call()`` with the chosen threads; its CPU share decides the next calls'."""
         threads = self._threads
-        probing = threads < self._cores and time.monotonic() >= self._next_probe
+        probing = threads != self._cores and time.monotonic() >= self._next_probe
         if probing:
             threads = self._cores
             self._set_threads(threads)
@@ -84,21 +92,21 @@ class ThreadGovernor:
         if wall < _MIN_CALL or self._cores == 1:
             self._restore(threads)
             return
-        share = cpu / (wall * threads)
-        if threads > 1 and share < _CONTENDED_SHARE:
-            if self._threads > 1:
+        share = cpu / (wall * min(threads, self._cores))
+        if threads == self._cores and share < _CONTENDED_SHARE:
+            if self._threads == self._cores:
                 log.info(
-                    "model calls on 1 thread: the process got %.0f%% of %d cores",
+                    "model threads sleep between regions: the process got %.0f%% of %d cores",
                     100 * share,
                     threads,
                 )
-            self._threads = 1
+            self._threads = self._contended
             self._next_probe = time.monotonic() + _PROBE_EVERY
         elif threads == self._cores and share >= _FREE_SHARE:
-            if self._threads < self._cores:
-                log.info("model calls on %d threads: the cores are free again", threads)
+            if self._threads != self._cores:
+                log.info("model threads spin between regions: the cores are free again")
             self._threads = self._cores
-        elif threads > self._threads:  # a probe that found the cores still taken
+        elif threads == self._cores:  # a probe that found the cores still partly taken
             self._next_probe = time.monotonic() + _PROBE_EVERY
         self._restore(threads)
 
