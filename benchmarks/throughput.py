@@ -11,6 +11,9 @@ Systems:
              private redis-server; its ``/bare`` endpoints give the bare-FastAPI ceiling
 
 Workloads (benchmarks/load.py), each on texts no earlier workload sent:
+  low load   1, then 4 clients, one uncached text per request, alternating with raw encode of
+             the same texts in a separate process (benchmarks/latency.py); goals for 1 client:
+             p50 within raw's + 3 ms, p99 within raw's + 5 ms
   batches    unique texts, 32 per request, 2 clients (base64)
   singles    64 clients, one unique text per request
   hot        64 clients, one cached text per request (float; then base64; then embedding_type
@@ -40,6 +43,7 @@ import httpx
 from rich.console import Console
 
 from benchmarks.corpus import load_corpus
+from benchmarks.latency import LowLoad, RawEncoder, low_load_rows, measure_low_load
 from benchmarks.load import (
     ModelWorkProbe,
     Outcome,
@@ -59,6 +63,8 @@ ZIPF_DISTINCT = 1000
 OUTPUT_TYPES = ("int8", "binary")
 TYPE_ROUNDS = 6
 HOT_TEXTS = 64
+LOW_LOAD_TEXTS = 160  # per client count, sent one at a time in LOW_LOAD_ROUNDS rounds
+LOW_LOAD_ROUNDS = 4
 
 
 class RawModel:
@@ -102,6 +108,7 @@ class Texts:
     singles: list[str]
     zipf: list[str]
     hot: list[str]
+    low_load: list[str]  # one slice per client count of the low-load rows
 
     @classmethod
     def slice(cls, size: int) -> Texts:
@@ -110,6 +117,7 @@ class Texts:
             singles=load_corpus(size, size),
             zipf=load_corpus(ZIPF_DISTINCT, 2 * size),
             hot=load_corpus(HOT_TEXTS, 2 * size + ZIPF_DISTINCT),
+            low_load=load_corpus(2 * LOW_LOAD_TEXTS, 2 * size + ZIPF_DISTINCT + HOT_TEXTS),
         )
 
 
@@ -158,6 +166,7 @@ class Results:
     rss: dict[str, float] = field(default_factory=dict)
     # embedding_type -> (server CPU seconds, requests) on cache hits
     server_time: dict[str, tuple[float, float]] = field(default_factory=dict)
+    low_load: list[LowLoad] = field(default_factory=list)
 
 
 def run_all(
@@ -173,6 +182,14 @@ def run_all(
             f"{outcome.requests_per_second:8,.1f} req/s  p50 {outcome.latency_ms(0.5):8,.1f} ms"
         )
 
+    # First, while the servers are idle: one text at a time, against raw encode in a process
+    # of its own, alternating.
+    with RawEncoder() as raw:
+        for index, clients in enumerate((1, 4)):
+            subset = texts.low_load[index * LOW_LOAD_TEXTS : (index + 1) * LOW_LOAD_TEXTS]
+            low = measure_low_load(embedpipe.url, raw, subset, clients, LOW_LOAD_ROUNDS)
+            results.low_load.append(low)
+            console.print(f"  low load, {clients} client(s): {low_load_rows([low])[-1]}")
     for key, subset in (("batches", texts.batches), ("singles", texts.singles)):
         before = model.texts_per_second(subset)
         for system in (embedpipe, naive):
@@ -303,6 +320,7 @@ def report(results: Results, header: list[str]) -> str:
         ("zipf", "Zipf"),
     ):
         lines.append(f"| {label} | {_latency(naive.get(key))} | {_latency(ours.get(key))} |")
+    lines += ["", *low_load_rows(results.low_load)]
     lines += [
         "",
         f"Server RSS after the run: embedpipe {results.rss['embedpipe']:,.0f} MiB, "

@@ -101,16 +101,20 @@ class Runtime:
                     registry.add(spec, upstream)
                 else:
                     embedder = await asyncio.to_thread(load_embedder, spec, settings)
-                    await asyncio.to_thread(warm_up, embedder, settings.batching.max_batch_tokens)
-                    # Before the batcher starts: one inference at a time, in a fixed order. A
+                    registry.add(spec, embedder)
+                    micro = MicroBatcher(embedder, settings.batching)
+                    stack.push_async_callback(micro.stop)
+                    # Warm up (the first calls allocate and are several times slower than the
+                    # rest), then the int8 calibration: on the model's own thread, whose
+                    # OpenMP threads serve every call, before the batcher starts. A
                     # cross-encoder's scores have no output types to calibrate.
+                    max_tokens = settings.batching.max_batch_tokens
+                    await micro.on_model_thread(warm_up, embedder, max_tokens)
                     if embedder.info.task == "embed":
-                        calibrations[spec.name] = await asyncio.to_thread(
+                        calibrations[spec.name] = await micro.on_model_thread(
                             load_calibration, embedder, settings.data_dir
                         )
-                    registry.add(spec, embedder)
-                    batcher = MicroBatcher(embedder, settings.batching)
-                    stack.push_async_callback(batcher.stop)
+                    batcher = micro
                 batchers[spec.name] = batcher
             log.info("serving %d model(s) with %d intra-op threads", len(registry), threads)
             for batcher in batchers.values():

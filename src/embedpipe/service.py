@@ -170,19 +170,21 @@ class EmbeddingService:
         embedder = self._models.get(name)
         sized = _sized(embedder.info, dimensions)
         logs.annotate(model=name, inputs=len(texts))  # the request's access log line
-        if tokens is None:
-            texts = await self.clip(name, texts, form.truncation)
-            tokens = await self._count_tokens(embedder, texts, form)
-        elif len(tokens) != len(texts):
-            raise ValueError("one token count per text is needed")
-
-        unique: dict[str, int] = {}  # text -> index into the unique lists
-        for text in texts:
-            unique.setdefault(text, len(unique))
-        unique_texts = list(unique)
-        keys = self._keys(embedder, unique_texts, sized, form)
-        token_of = dict(zip(texts, tokens, strict=True))
-        found = await self._cache.get_many(keys, [token_of[text] for text in unique_texts])
+        # Announced until the lookup ends: a batch may wait for these misses. No await comes
+        # between the lookup's end and the submit in _compute, so no batch leaves in between.
+        with self._batchers[name].on_the_way():
+            if tokens is None:
+                texts = await self.clip(name, texts, form.truncation)
+                tokens = await self._count_tokens(embedder, texts, form)
+            elif len(tokens) != len(texts):
+                raise ValueError("one token count per text is needed")
+            unique: dict[str, int] = {}  # text -> index into the unique lists
+            for text in texts:
+                unique.setdefault(text, len(unique))
+            unique_texts = list(unique)
+            keys = self._keys(embedder, unique_texts, sized, form)
+            token_of = dict(zip(texts, tokens, strict=True))
+            found = await self._cache.get_many(keys, [token_of[text] for text in unique_texts])
 
         width = self._width(embedder.info, sized, (hit[0] for hit in found if hit is not None))
         vectors = np.empty((len(unique_texts), width), dtype=np.float32)

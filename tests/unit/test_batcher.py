@@ -209,3 +209,55 @@ async def test_batch_job_texts_may_fill_half_the_queue_only() -> None:
         await asyncio.gather(*(item.future for item in running + queued + online))
     finally:
         await batcher.stop()
+
+
+async def _within_loop_turns(condition: Callable[[], bool], turns: int = 100) -> bool:
+    """Whether ``condition`` holds within ``turns`` turns of the event loop (no clock involved:
+    a batch that waited even 1 ms for company would take far more turns than this)."""
+    for _ in range(turns):
+        if condition():
+            return True
+        await asyncio.sleep(0)
+    return condition()
+
+
+async def test_a_lone_text_leaves_without_waiting_for_company() -> None:
+    # Issue 20: the batcher waited max_wait_ms for company even when none could come.
+    embedder = FakeEmbedder()
+    batcher = await _started(embedder, _settings(max_wait_ms=1000.0))
+    try:
+        (alone,) = batcher.submit(["alone"], [3])
+        assert await _within_loop_turns(lambda: batcher.queue_depth == 0)
+        np.testing.assert_allclose(await alone.future, vector_for("alone"))
+    finally:
+        await batcher.stop()
+    assert embedder.calls == [["alone"]]
+
+
+async def test_a_batch_waits_for_a_request_on_its_way() -> None:
+    embedder = FakeEmbedder()
+    batcher = await _started(embedder, _settings(max_wait_ms=1000.0))
+    try:
+        with batcher.on_the_way():  # another request is still looking up the cache
+            first = batcher.submit(["first"], [3])
+            assert not await _within_loop_turns(lambda: batcher.queue_depth == 0)
+            second = batcher.submit(["second"], [3])
+        await asyncio.gather(*(item.future for item in first + second))
+    finally:
+        await batcher.stop()
+    assert [sorted(call) for call in embedder.calls] == [["first", "second"]]
+
+
+async def test_a_batch_stops_waiting_when_the_request_on_its_way_needs_no_model() -> None:
+    embedder = FakeEmbedder()
+    batcher = await _started(embedder, _settings(max_wait_ms=1000.0))
+    try:
+        with batcher.on_the_way():
+            (first,) = batcher.submit(["first"], [3])
+            assert not await _within_loop_turns(lambda: batcher.queue_depth == 0)
+        # Its texts were all cached: the waiting batch leaves at once, not after max_wait.
+        assert await _within_loop_turns(lambda: batcher.queue_depth == 0)
+        await first.future
+    finally:
+        await batcher.stop()
+    assert embedder.calls == [["first"]]

@@ -140,26 +140,47 @@ async def test_unknown_model(harness: Harness) -> None:
         await harness.service.embed("nope", ["x"])
 
 
+class SqliteHarness:
+    """A service over the fake model with a real SQLite L2 (call :meth:`open`, then
+    :meth:`close`)."""
+
+    def __init__(self, path: Path, max_wait_ms: float) -> None:
+        self.path = path
+        self.embedder = FakeEmbedder(name="fake")
+        registry = ModelRegistry()
+        registry.add(ModelSpec(name="fake", source="memory"), self.embedder)
+        self.registry = registry
+        self.batcher = MicroBatcher(self.embedder, BatchingSettings(max_wait_ms=max_wait_ms))
+
+    async def open(self) -> EmbeddingService:
+        self.l2 = await SqliteTier(self.path / "cache.sqlite3", 1 << 20, 0).open()
+        self.cache = TieredCache(MemoryTier(1 << 20), self.l2)
+        service = EmbeddingService(
+            self.registry, {"fake": self.batcher}, self.cache, CacheSettings()
+        )
+        self.batcher.start()
+        return service
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+        await self.cache.close()
+
+
 async def test_a_corrupt_or_foreign_l2_entry_is_a_miss_never_served(tmp_path: Path) -> None:
     """Whoever wrote a wrong-sized value under a key (a bug, a foreign writer, a truncated
     write), it is recomputed, not served and not a 500."""
-    embedder = FakeEmbedder(name="fake")
-    registry = ModelRegistry()
-    registry.add(ModelSpec(name="fake", source="memory"), embedder)
-    batcher = MicroBatcher(embedder, BatchingSettings(max_wait_ms=0.0))
-    l2 = await SqliteTier(tmp_path / "cache.sqlite3", 1 << 20, 0).open()
-    cache = TieredCache(MemoryTier(1 << 20), l2)
-    service = EmbeddingService(registry, {"fake": batcher}, cache, CacheSettings())
-    batcher.start()
+    harness = SqliteHarness(tmp_path, max_wait_ms=0.0)
+    service = await harness.open()
     try:
-        keys = service._keys(embedder, ["short", "odd", "long"])
-        await l2.set_many({keys[0]: b"\x00" * 12, keys[1]: b"\x01" * 7, keys[2]: b"\x00" * 64})
+        keys = service._keys(harness.embedder, ["short", "odd", "long"])
+        await harness.l2.set_many(
+            {keys[0]: b"\x00" * 12, keys[1]: b"\x01" * 7, keys[2]: b"\x00" * 64}
+        )
         result = await service.embed("fake", ["short", "odd", "long"])
         assert result.sources == ["computed"] * 3
         np.testing.assert_allclose(result.vectors[0], vector_for("short"))
     finally:
-        await batcher.stop()
-        await cache.close()
+        await harness.close()
 
 
 async def test_each_text_form_has_its_own_entries_and_model_calls(harness: Harness) -> None:
@@ -182,3 +203,24 @@ async def test_each_text_form_has_its_own_entries_and_model_calls(harness: Harne
     np.testing.assert_array_equal(again.vectors, prompted.vectors)
     counts = await harness.service.count_tokens("fake", ["text"], apart)
     assert counts == [4]  # the prompt's tokens count: "query:" "text" + 2 specials
+
+
+async def test_misses_of_concurrent_requests_share_a_model_call(tmp_path: Path) -> None:
+    """A request still looking up L2 is company worth waiting for (issue 20: a lone request
+    no longer waits, so the wait must still gather requests that are on their way)."""
+    harness = SqliteHarness(tmp_path, max_wait_ms=1000.0)
+    service = await harness.open()
+    many = [f"text {i}" for i in range(4000)]
+    try:
+        # The short request's lookup ends first; the long one's is still running then.
+        alone, crowd = await asyncio.gather(
+            service.embed("fake", ["solo"]), service.embed("fake", many)
+        )
+    finally:
+        await harness.close()
+    calls = harness.embedder.calls
+    assert "solo" in calls[0]
+    assert len(calls[0]) > 1
+    assert sorted(text for call in calls for text in call) == sorted([*many, "solo"])
+    np.testing.assert_allclose(alone.vectors[0], vector_for("solo"))
+    np.testing.assert_allclose(crowd.vectors[7], vector_for("text 7"))

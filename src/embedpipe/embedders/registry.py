@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from embedpipe.embedders.base import Embedder, ModelInfo, ServedModel, Task
+from embedpipe.embedders.threads import configure_openmp_wait
 from embedpipe.errors import InvalidInput, ModelNotFound
 from embedpipe.settings import Settings
 
@@ -121,7 +122,11 @@ def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
             options=options,
         )
     return SentenceTransformerEmbedder(
-        spec.name, path, expected_sha256=expected_sha256, options=options
+        spec.name,
+        path,
+        expected_sha256=expected_sha256,
+        options=options,
+        threads=settings.model_threads or available_cores(),
     )
 
 
@@ -140,16 +145,14 @@ def available_cores() -> int:
 
 def configure_threads(model_threads: int, *, torch: bool = True) -> int:
     """The intra-op threads of one inference: the cores available unless set. With ``torch``
-    (a model on the torch backend), torch's own pool is set to match; without, torch is never
-    imported (the ONNX backend's processes run without it)."""
+    (a model on the torch backend), torch's own pool is set to match, its OpenMP waits
+    bounded (``embedders/threads.py``; an operator's OMP_WAIT_POLICY wins), and each call may
+    then use fewer while other processes take the cores (``ThreadGovernor``). Without, torch
+    is never imported (the ONNX backend's processes run without it)."""
     threads = model_threads or available_cores()
     if not torch:
         return threads
-    # OpenMP's threads busy-wait between parallel regions by default: on cores shared with
-    # the event loop (or anything else), 2 torch threads then ran at 0.45-0.6x the speed of
-    # 1; waiting passively, at 0.9-1.2x. Read when torch loads OpenMP, so set before the
-    # first import; an operator's own OMP_WAIT_POLICY wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    configure_openmp_wait()
     import torch as torch_module
 
     torch_module.set_num_threads(threads)

@@ -14,6 +14,7 @@ from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, Vectors, finger
 from embedpipe.embedders.local_text import LocalText
 from embedpipe.embedders.model_files import checked_weights, read_json
 from embedpipe.embedders.prompts import merged_prompts
+from embedpipe.embedders.threads import ThreadGovernor
 from embedpipe.errors import InvalidInput, ModelLoadError
 from embedpipe.settings import ModelOptions
 
@@ -35,14 +36,18 @@ class SentenceTransformerEmbedder(LocalText):
         *,
         expected_sha256: str | None = None,
         options: ModelOptions | None = None,
+        threads: int = 0,
     ) -> None:
+        """``threads``: the most intra-op threads a call may use (0: torch's current setting)."""
         options = options or ModelOptions()
         weights_sha256 = checked_weights(name, model_dir, expected_sha256)
         # The hub must never be reached, whatever the caller's environment says.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
         from sentence_transformers import SentenceTransformer
 
         self._model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+        self._governor = ThreadGovernor(threads or torch.get_num_threads(), torch.set_num_threads)
         self._model.eval()
         try:
             prompts = merged_prompts(
@@ -96,6 +101,9 @@ class SentenceTransformerEmbedder(LocalText):
         return self._fingerprint
 
     def embed(self, texts: Sequence[str], form: TextForm = PLAIN) -> Vectors:
+        return self._governor.run(lambda: self._encode(texts, form))
+
+    def _encode(self, texts: Sequence[str], form: TextForm) -> Vectors:
         """On the model's thread only: ``left`` sets the shared tokenizer's side for this
         call (counting uses its own copy)."""
         tokenizer = self._model.tokenizer

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 from embedpipe import metrics
 from embedpipe.batcher import PendingText, wait_for_company
@@ -75,6 +76,11 @@ class UpstreamBatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._client.close()
+
+    def on_the_way(self) -> AbstractContextManager[None]:
+        """Not counted: an upstream call waits its max_wait_ms whatever comes, as texts that
+        share a call save the upstream's rate limit, and its round trip dwarfs the wait."""
+        return nullcontext()
 
     def submit(
         self,
