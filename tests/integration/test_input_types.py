@@ -377,3 +377,29 @@ def test_embed_cli_takes_input_type_and_long_text_in_process_and_on_a_server(
     _, remote = read_output(tmp_path / "remote.npy")
     online, _ = _embed(http, model="prompted", input=texts, input_type="query", long_text="mean")
     _assert_identical(remote, online)
+
+
+def test_cosine_rerank_puts_the_query_and_documents_behind_their_prompts(
+    http: httpx.Client, prompted_reference: dict[str, Any]
+) -> None:
+    """Rerank with an embedding model that has prompts: the query in its "query" prompt, the
+    documents in their "passage" prompt, as the reference library embeds them; a model that
+    keeps its prompt apart from pooling ranks the plain texts."""
+    query, documents = "what is an embedding?", [TEXTS[1], "Bread needs flour and water.", TEXTS[0]]
+    for model, prompted in PROMPTED_MODELS.items():
+        reply = http.post(
+            "/v2/rerank", json={"model": model, "query": query, "documents": documents}
+        )
+        assert reply.status_code == 200, reply.text
+        scores = {item["index"]: item["relevance_score"] for item in reply.json()["results"]}
+        reference = prompted_reference[model]
+        if prompted:
+            want_query = reference.encode([query], prompt_name="query", normalize_embeddings=True)
+            want_docs = reference.encode(
+                documents, prompt_name="passage", normalize_embeddings=True
+            )
+        else:
+            want_query = reference.encode([query], prompt="", normalize_embeddings=True)
+            want_docs = reference.encode(documents, prompt="", normalize_embeddings=True)
+        want = (want_docs @ want_query[0]).tolist()
+        np.testing.assert_allclose([scores[i] for i in range(len(documents))], want, atol=1e-5)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from embedpipe import metrics
 from embedpipe.embedders.cross_encoder import CrossEncoderScorer
 from embedpipe.embedders.pairs import pair_text
+from embedpipe.embedders.prompts import ModelPrompts
 from embedpipe.embedders.registry import rerank_method
 from embedpipe.errors import InvalidInput
 from embedpipe.inputs import check_sizes, check_text
@@ -94,12 +95,14 @@ class Ranked:
     model: str
 
 
-def text_for_input_type(model: str, text: str, input_type: InputType) -> str:
-    """The text as ``model`` should see it for ``input_type`` (the query, or a document).
-    The one place where a model's query/document prompts apply; none exist yet, so the text
-    is unchanged."""
-    del model, input_type
-    return text
+def text_for_input_type(prompts: ModelPrompts, text: str, input_type: InputType) -> str:
+    """The text as the model should see it for ``input_type`` (the query, or a document):
+    behind its prompt for that role, for a model that pools over its prompt (the prompt is
+    then part of the text, and of its cache key, as on ``/v1/embeddings``). A model that keeps
+    its prompt apart from pooling ranks the plain texts; a cross-encoder has no prompts."""
+    if not prompts.in_pooling:
+        return text
+    return prompts.for_input_type(input_type) + text
 
 
 def prepare(
@@ -135,8 +138,8 @@ def prepare(
         )
     model_served = service.models.get(name)
     cross_encoder = model_served.info.task == "rerank"
-    query_seen = text_for_input_type(name, query, "query")
-    seen = [text_for_input_type(name, text, "document") for text in texts]
+    query_seen = text_for_input_type(model_served.prompts, query, "query")
+    seen = [text_for_input_type(model_served.prompts, text, "document") for text in texts]
     # Cut the documents only: the response echoes them whole.
     if max_tokens_per_doc is not None and isinstance(model_served, CrossEncoderScorer):
         seen = model_served.first_tokens(seen, max_tokens_per_doc)
