@@ -1,5 +1,6 @@
 """The steps every embeddings route runs, in one order: ``/v1/embeddings`` and Cohere's
-``/v2/embed`` (which reads its own body, then asks through an ``EmbeddingRequest``)."""
+``/v2/embed`` (which reads its own body, then asks through an ``EmbeddingRequest``); the
+simple API shares the last of them (:func:`embed_charged`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from fastapi import Request
 
 from embedpipe.api.deps import off_loop_if_big, unless_disconnected
 from embedpipe.api.security import Admission, charge_tokens
+from embedpipe.operations.model_inputs import ModelInputs
 from embedpipe.operations.openai_embeddings import (
     EmbeddingRequest,
     PreparedRequest,
-    embed_inputs,
     prepare,
     prepare_inputs,
 )
@@ -38,17 +39,39 @@ async def embed_request(
     # Cut at the window (or into windows) before anything tokenizes a whole long text, then
     # counted once: the token budget is charged what `usage` reports, before any model work.
     inputs = await prepare_inputs(service, limits, prepared)
+    result, limit_headers = await embed_charged(
+        request,
+        runtime,
+        admission,
+        prepared.model,
+        inputs,
+        dimensions=prepared.dimensions,
+        param=param,
+    )
+    return prepared, result, limit_headers
+
+
+async def embed_charged(
+    request: Request,
+    runtime: Runtime,
+    admission: Admission,
+    model: str,
+    inputs: ModelInputs,
+    *,
+    dimensions: int | None = None,
+    param: str,
+) -> tuple[EmbedResult, dict[str, str]]:
+    """Charge ``inputs``' tokens to the client, then one vector per input (long inputs'
+    windows combined); and the ``x-ratelimit-*`` headers."""
     limit_headers = await charge_tokens(admission, runtime, inputs.total_tokens, param=param)
+    service = runtime.service
     # From L1 without a task; only work that may wait is watched for a client going away.
     result = service.embed_from_memory(
-        prepared.model,
-        inputs.texts,
-        inputs.tokens,
-        dimensions=prepared.dimensions,
-        form=inputs.form,
+        model, inputs.texts, inputs.tokens, dimensions=dimensions, form=inputs.form
     )
     if result is None:
-        result = await unless_disconnected(request, embed_inputs(service, prepared, inputs))
-    else:
-        result = inputs.combine(result)
-    return prepared, result, limit_headers
+        embedding = service.embed(
+            model, inputs.texts, inputs.tokens, dimensions=dimensions, form=inputs.form
+        )
+        result = await unless_disconnected(request, embedding)
+    return inputs.combine(result), limit_headers

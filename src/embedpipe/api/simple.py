@@ -12,8 +12,8 @@ from embedpipe.api.deps import (
     get_runtime,
     json_body,
     json_response,
-    unless_disconnected,
 )
+from embedpipe.api.embedding_steps import embed_charged
 from embedpipe.api.schemas import (
     EmbedBatchRequest,
     EmbedBatchResponse,
@@ -21,7 +21,7 @@ from embedpipe.api.schemas import (
     EmbedResponse,
     ErrorBody,
 )
-from embedpipe.api.security import Admission, admit_request, charge_tokens
+from embedpipe.api.security import Admission, admit_request
 from embedpipe.embedders.prompts import InputType
 from embedpipe.errors import InvalidInput
 from embedpipe.inputs import check_sizes, check_text, max_json_values
@@ -117,10 +117,4 @@ async def _embed(
     name = service.resolve_model(model)
     options = InputOptions(prompt=service.models.get(name).prompts.resolve(input_type))
     inputs = await model_inputs(service, name, texts, options, runtime.settings.limits)
-    limit_headers = await charge_tokens(admission, runtime, inputs.total_tokens, param=param)
-    # From L1 without a task; only work that may wait is watched for a client going away.
-    result = service.embed_from_memory(name, inputs.texts, inputs.tokens, form=inputs.form)
-    if result is None:
-        embedding = service.embed(name, inputs.texts, inputs.tokens, form=inputs.form)
-        result = await unless_disconnected(request, embedding)
-    return result, limit_headers
+    return await embed_charged(request, runtime, admission, name, inputs, param=param)
