@@ -46,7 +46,8 @@ CHUNK_SIZE = 20
 # One key per use, so that one test's requests never count against another's limit.
 KEYS = {
     "main": "sk-stack-main",
-    "rpm": "sk-stack-rpm",
+    # The rate-limit test's keys: a fresh one for each try (see that test).
+    **{f"rpm{n}": f"sk-stack-rpm{n}" for n in range(3)},
     **{f"load{n}": f"sk-stack-load{n}" for n in range(4)},
 }
 # Settings a user would change in .env for this machine (2 cores, four embedpipe processes),

@@ -170,18 +170,28 @@ def test_a_text_embedded_by_one_replica_is_an_l2_hit_on_the_other(stack: Stack) 
 
 def test_one_keys_rate_limit_holds_across_both_replicas(stack: Stack) -> None:
     """Half the key's requests per minute on each replica, then one more through nginx: it is
-    refused, though neither replica alone has seen the limit."""
+    refused, though neither replica alone has seen the limit.
+
+    The budget is a fixed window that starts at the key's first request. On a loaded machine
+    the RPM requests can take longer than that window, and then the last one rightly passes:
+    such a try proves nothing either way, so it is made again with a fresh key."""
     replicas = stack.containers("api")
     body = {"model": MODEL, "input": "rate limited across the replicas"}
-    for container in replicas:
-        replies = stack.call(container, "/v1/embeddings", body, KEYS["rpm"], repeat=RPM // 2)
-        assert [status for status, _ in replies] == [200] * (RPM // 2)
-    refused = httpx.post(
-        f"{stack.url}/v1/embeddings",
-        json=body,
-        headers={"Authorization": f"Bearer {KEYS['rpm']}"},
-        timeout=30,
-    )
+    for attempt in range(3):
+        key = KEYS[f"rpm{attempt}"]
+        started = time.monotonic()
+        for container in replicas:
+            replies = stack.call(container, "/v1/embeddings", body, key, repeat=RPM // 2)
+            assert [status for status, _ in replies] == [200] * (RPM // 2)
+        refused = httpx.post(
+            f"{stack.url}/v1/embeddings",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        if refused.status_code == 200 and time.monotonic() - started > 55:
+            continue  # the window may have rolled over: not a judgement
+        break
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(refused.headers["retry-after"]) >= 1
