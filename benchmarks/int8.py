@@ -45,6 +45,13 @@ RECIPES = (
     Int8Recipe("static (calibrated), FFN out fp32", kind="static", keep_fp32=(FFN_OUT,)),
     Int8Recipe("dynamic, smoothed (alpha 0.8)", smooth=0.8),
     Int8Recipe("dynamic, smoothed (alpha 0.8), FFN out fp32", smooth=0.8, keep_fp32=(FFN_OUT,)),
+    Int8Recipe(
+        "dynamic, smoothed (alpha 0.8), FFN out fp32, uint8 weights",
+        smooth=0.8,
+        keep_fp32=(FFN_OUT,),
+        weights="uint8",
+    ),
+    Int8Recipe("dynamic, smoothed (alpha 0.8), uint8 weights", smooth=0.8, weights="uint8"),
     Int8Recipe("blockwise 32", kind="blockwise", block_size=32),
     Int8Recipe("blockwise 64", kind="blockwise", block_size=64),
     Int8Recipe("blockwise 128", kind="blockwise", block_size=128),

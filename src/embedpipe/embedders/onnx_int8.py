@@ -63,6 +63,10 @@ class Int8Recipe:
     block_size: int = 32  # blockwise: weights (and activations) per scale
     accuracy_level: int = 4  # blockwise: 4 = int8 activations and int8 products
     smooth: float = 0.0  # dynamic, static: SmoothQuant's alpha (0 = off)
+    # dynamic, static: the weights' type. With int8 weights, AVX2 without VNNI multiplies
+    # uint8 activations by int8 weights with vpmaddubsw, whose int16 sums saturate; uint8
+    # weights take a kernel that widens first, exact on every x86 CPU.
+    weights: Literal["int8", "uint8"] = "int8"
 
     def record(self) -> dict[str, Any]:
         return {**asdict(self), "keep_fp32": list(self.keep_fp32)}
@@ -77,12 +81,17 @@ class Int8Gate:
     top10: float = 0.97
 
 
-# The served recipe: the fastest measured above the gate (docs/benchmarks.md#int8-recipes).
-# Without smoothing, per-tensor activation scales lost neighbours (top-10 0.906; 0.934 with
-# the FFN's output projection in fp32); blockwise int8 kept them (0.980) but ran barely faster
-# than fp32 (1.05x) on AVX2.
+# The served recipe: the fastest measured above the gate on every CPU we met
+# (docs/benchmarks.md#int8-recipes). Without smoothing, per-tensor activation scales lost
+# neighbours (top-10 0.906; 0.934 with the FFN's output projection in fp32); blockwise int8 kept
+# them (0.980) but ran barely faster than fp32 (1.05x) on AVX2. uint8 weights: the same recipe
+# with int8 weights passed the gate on AVX-512 VNNI (0.978) and failed it on AVX2 alone (0.934,
+# saturating int16 sums), and an export made on one CPU may be served on another.
 INT8_RECIPE = Int8Recipe(
-    name="smoothed-0.8-ffn-out-fp32", smooth=0.8, keep_fp32=("/output/dense/",)
+    name="smoothed-0.8-ffn-out-fp32-u8",
+    smooth=0.8,
+    keep_fp32=("/output/dense/",),
+    weights="uint8",
 )
 INT8_GATE = Int8Gate()
 
@@ -149,6 +158,7 @@ def quantize_model(
         onnx.save(model, str(target))
         return
     op_types = ["MatMul", *(["Gather"] if recipe.embeddings else [])]
+    weight_type = QuantType.QUInt8 if recipe.weights == "uint8" else QuantType.QInt8
     with quiet_exporter():
         if recipe.kind == "dynamic":
             quantize_dynamic(
@@ -156,7 +166,7 @@ def quantize_model(
                 target,
                 op_types_to_quantize=op_types,
                 per_channel=recipe.per_channel,
-                weight_type=QuantType.QInt8,
+                weight_type=weight_type,
                 nodes_to_exclude=kept,
             )
             return
@@ -168,7 +178,7 @@ def quantize_model(
             op_types_to_quantize=op_types,
             per_channel=recipe.per_channel,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=weight_type,
             nodes_to_exclude=kept,
             calibrate_method=CalibrationMethod.MinMax,
             # Only MatMuls with a weight: the attention's activation x activation products
