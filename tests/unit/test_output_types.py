@@ -45,6 +45,20 @@ def test_int8_buckets_span_the_calibrated_range_and_clip_outside_it() -> None:
     ]
 
 
+@pytest.mark.parametrize("embedding_type", ["int8", "uint8", "binary", "ubinary"])
+def test_every_type_is_byte_for_byte_what_quantize_embeddings_gives(embedding_type: str) -> None:
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    calibration = Calibration("fp", _unit_rows(256, 64, seed=1))
+    # Past the calibrated ranges too (clipped), and on bucket edges.
+    vectors = np.vstack((_unit_rows(500, 64, seed=2) * 1.5, calibration.ranges(64)))
+    want = np.asarray(
+        quantize_embeddings(vectors, embedding_type, ranges=calibration.ranges(64))  # type: ignore[arg-type]
+    )
+    got = quantize(vectors, embedding_type, calibration)  # type: ignore[arg-type]
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
 def test_float16_and_float32() -> None:
     vectors = _unit_rows(3, 16)
     assert quantize(vectors, "float32") is vectors

@@ -94,13 +94,17 @@ def quantize(
         if calibration is None:
             raise ValueError("int8 and uint8 need a calibration")
         starts, steps = calibration.buckets(vectors.shape[1])
-        levels: npt.NDArray[np.float32] = np.floor((vectors - starts) / steps)
+        levels: npt.NDArray[np.float32] = np.subtract(vectors, starts)
+        np.divide(levels, steps, out=levels)
         # clip(levels, 0, 255), in place: np.clip costs more than the rest on one vector.
+        # Clipped first, the cast's truncation is quantize_embeddings' floor.
         np.minimum(np.maximum(levels, 0, out=levels), _BUCKETS, out=levels)
+        unsigned = levels.astype(np.uint8)
         if embedding_type == "uint8":
-            return levels.astype(np.uint8)
-        levels -= 128
-        return levels.astype(np.int8)
+            return unsigned
+        # level - 128 as int8 is the level with its top bit flipped (two's complement).
+        np.bitwise_xor(unsigned, 0x80, out=unsigned)
+        return unsigned.view(np.int8)
     packed = np.packbits(vectors > 0, axis=-1)
     if embedding_type == "ubinary":
         return packed
