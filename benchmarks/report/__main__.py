@@ -13,8 +13,9 @@ from pathlib import Path
 
 from benchmarks.load import use_uvloop
 from benchmarks.report import page, plots, schema
+from benchmarks.report.measure import console
 from benchmarks.report.plan import FULL, QUICK
-from benchmarks.report.run import console, run
+from benchmarks.report.run import run
 from embedpipe.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

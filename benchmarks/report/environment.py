@@ -12,6 +12,7 @@ from pathlib import Path
 from benchmarks.report.schema import Machine
 from embedpipe.embedders.registry import available_cores
 
+CODE = ("src", "benchmarks", "pyproject.toml", "constraints.txt")
 PACKAGES = ("torch", "onnxruntime", "sentence-transformers", "transformers", "uvicorn", "fastapi")
 
 
@@ -51,23 +52,18 @@ def machine_at_start() -> Machine:
     )
 
 
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def git_revision(root: Path) -> str:
-    """embedpipe's commit, marked ``-dirty`` when the tree differs from it."""
+    """embedpipe's commit, marked ``-dirty`` when the code measured differs from it (the
+    pages a run writes do not count)."""
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        sha = _git(root, "rev-parse", "--short=12", "HEAD")
+        changed = _git(root, "status", "--porcelain", "--", *CODE)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if changed else sha

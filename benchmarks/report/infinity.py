@@ -65,5 +65,10 @@ def infinity_server(root: Path, model_dir: Path, log_path: Path) -> ChildServer:
         "--url-prefix",
         "/v1",
     ]
-    env = {"DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    env = {
+        "DO_NOT_TRACK": "1",
+        "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+        # Its cache folder goes beside the log, not into the working directory.
+        "INFINITY_HOME": str(log_path.parent),
+    }
     return ChildServer("Infinity", command, "/health", log_path, env, start_timeout=300)

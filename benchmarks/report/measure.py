@@ -15,7 +15,7 @@ from benchmarks.report.plan import Plan
 from benchmarks.report.schema import ConcurrencyPoint, LoadPoint, Quantiles, ZipfPoint
 from benchmarks.report.systems import Target
 
-console = Console(stderr=True)
+console = Console(stderr=True, width=120)  # progress lines stay whole in a log file
 BATCH = 32  # texts per request of the batch workload
 
 

@@ -7,8 +7,10 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from benchmarks.report.knee import knee
 from benchmarks.report.schema import LoadPoint, Report
@@ -38,6 +40,12 @@ def _systems(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _log2_axis(ax: Axes) -> None:
+    """A log-2 x axis labelled 1, 2, 4, ... rather than 2^0, 2^1, 2^2."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+
+
 def _save(figure: Figure, path: Path) -> None:
     FigureCanvasAgg(figure)
     figure.tight_layout()
@@ -58,7 +66,7 @@ def throughput_concurrency(report: Report, path: Path) -> None:
             xs, ys = [p["clients"] for p in mine], [p["texts_per_s"] for p in mine]
             ax.plot(xs, ys, marker="o", color=_colour(system), label=system)
         ax.axhline(raw_rate, color=_colour("raw `encode`"), linestyle="--", label=raw_label)
-        ax.set_xscale("log", base=2)
+        _log2_axis(ax)
         ax.set_xlabel("concurrent clients (closed loop)")
         ax.set_ylabel("texts/s")
         ax.set_ylim(bottom=0)
@@ -85,7 +93,7 @@ def latency_offered_load(report: Report, path: Path) -> None:
         found = knee(mine)
         if found is not None:
             ax.axvline(found, color="black", alpha=0.5, label=f"knee {found:g}/s")
-        ax.set_xscale("log", base=2)
+        _log2_axis(ax)
         ax.set_yscale("log")
         ax.set_xlabel("offered requests/s (open loop)")
         ax.set_ylabel("latency, ms")

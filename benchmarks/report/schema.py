@@ -96,6 +96,7 @@ class Report(TypedDict):
     backends: list[BackendResult]
     startup: list[StartupRun]
     rss_mib: dict[str, float]  # each server under test after the run
+    seconds: dict[str, float]  # how long each section took
 
 
 def save(report: Report, path: Path) -> None:

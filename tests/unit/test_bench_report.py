@@ -110,6 +110,7 @@ def _report() -> Report:
         ],
         startup=startup,
         rss_mib={"embedpipe": 700.0, "naive": 1200.0},
+        seconds={"throughput against concurrency": 600.0, "hit rate against Zipf skew": 125.0},
     )
 
 
@@ -129,8 +130,9 @@ def test_the_page_and_plots_are_rendered_from_the_results(tmp_path: Path) -> Non
         assert f"\n{heading}\n" in rendered, heading
     for name in plots.PLOTS:
         assert f"]({page.IMAGES}/{name})" in rendered, name
-    for stated in ("Test CPU", "2026-12-03T08:00:00+00:00", "embedpipe abc123", "A `--quick` run"):
-        assert stated in rendered, stated
+    facts = ("Test CPU", "2026-12-03T08:00:00+00:00", "embedpipe abc123", "A `--quick` run")
+    for fact in (*facts, "throughput against concurrency 10.0 min"):
+        assert fact in rendered, fact
     assert "| embedpipe | 16 |" in rendered  # the knee, in its table
     again = page.splice(rendered, page.render(report))
     assert again == rendered  # rendering twice changes nothing
