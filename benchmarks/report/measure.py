@@ -17,6 +17,10 @@ from benchmarks.report.systems import Target
 
 console = Console(stderr=True, width=120)  # progress lines stay whole in a log file
 BATCH = 32  # texts per request of the batch workload
+WARM_UP_TEXTS = 8
+# A batch request may wait behind every other client's: at 128 clients of 32 texts each, a
+# slow server takes minutes to answer the last one, which is a result, not a failure.
+REQUEST_TIMEOUT = 1800.0
 
 
 class FreshTexts:
@@ -45,6 +49,15 @@ def quantiles(outcome: Outcome) -> Quantiles:
     )
 
 
+def warm_up(targets: Sequence[Target], texts: FreshTexts) -> None:
+    """A few requests to each server before anything is timed: a model's first calls (and a
+    connection pool's first connections) are not its steady state."""
+    chunk = texts.take(WARM_UP_TEXTS)
+    for target in targets:
+        asyncio.run(run_singles(target.url, chunk, clients=2))
+        asyncio.run(run_batches(target.url, texts.take(BATCH), clients=1))
+
+
 def concurrency_sweep(
     targets: Sequence[Target], texts: FreshTexts, plan: Plan
 ) -> list[ConcurrencyPoint]:
@@ -54,12 +67,12 @@ def concurrency_sweep(
     for clients in plan.single_clients:
         chunk = texts.take(max(plan.min_single_requests, 2 * clients))
         for target in targets:
-            outcome = asyncio.run(run_singles(target.url, chunk, clients))
+            outcome = asyncio.run(run_singles(target.url, chunk, clients, REQUEST_TIMEOUT))
             points.append(_concurrency_point(target, "singles", clients, outcome))
     for clients in plan.batch_clients:
         chunk = texts.take(BATCH * max(plan.min_batch_requests, clients))
         for target in targets:
-            outcome = asyncio.run(run_batches(target.url, chunk, clients))
+            outcome = asyncio.run(run_batches(target.url, chunk, clients, REQUEST_TIMEOUT))
             points.append(_concurrency_point(target, "batches", clients, outcome))
     return points
 

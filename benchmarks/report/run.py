@@ -104,6 +104,7 @@ def run(plan: Plan, root: Path, exports: Path) -> Report:
     ):
         with section("the servers under test starting"):
             targets = stack.enter_context(started(root, model_dir, Path(tmp), peers))
+        measure.warm_up(targets, texts)
         with section("throughput against concurrency"):
             concurrency = measure.concurrency_sweep(targets, texts, plan)
         with section("latency against offered load (open loop)"):
