@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -28,6 +28,14 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def up_to(self, clients: int) -> Plan:
+        """This plan without its concurrency points above ``clients``."""
+        return replace(
+            self,
+            single_clients=tuple(c for c in self.single_clients if c <= clients),
+            batch_clients=tuple(c for c in self.batch_clients if c <= clients),
+        )
 
 
 FULL = Plan(
