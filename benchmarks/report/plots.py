@@ -10,7 +10,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FuncFormatter
 
 from benchmarks.report.knee import knee
 from benchmarks.report.schema import LoadPoint, Report
@@ -43,7 +43,7 @@ def _systems(names: list[str]) -> list[str]:
 def _log2_axis(ax: Axes) -> None:
     """A log-2 x axis labelled 1, 2, 4, ... rather than 2^0, 2^1, 2^2."""
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
 
 def _save(figure: Figure, path: Path) -> None:
@@ -81,7 +81,7 @@ def latency_offered_load(report: Report, path: Path) -> None:
     points = report["offered_load"]
     systems = _systems([p["system"] for p in points]) or ["embedpipe"]
     figure = Figure(figsize=(4.2 * len(systems), 4))
-    axes = figure.subplots(1, len(systems), squeeze=False)
+    axes = figure.subplots(1, len(systems), squeeze=False, sharey=True)  # one scale to compare
     for ax, system in zip(axes[0], systems, strict=True):
         mine: list[LoadPoint] = sorted(
             (p for p in points if p["system"] == system), key=lambda p: p["offered"]
