@@ -27,8 +27,8 @@ class FreshTexts:
     """Texts never handed out before in this run: the corpus in its order, then the corpus
     again behind a numbered prefix (a new text to every cache, a few tokens longer)."""
 
-    def __init__(self) -> None:
-        self._texts = corpus()
+    def __init__(self, texts: Sequence[str] | None = None) -> None:
+        self._texts = texts or corpus()
         self._taken = 0
 
     def take(self, count: int) -> list[str]:

@@ -11,7 +11,8 @@ import pytest
 
 from benchmarks.report import page, plots, schema
 from benchmarks.report.knee import knee
-from benchmarks.report.plan import QUICK
+from benchmarks.report.measure import FreshTexts
+from benchmarks.report.plan import FULL, QUICK
 from benchmarks.report.schema import ConcurrencyPoint, LoadPoint, Report, StartupRun, ZipfPoint
 
 SYSTEMS = ("embedpipe", "naive", "Infinity 0.0.78")
@@ -175,3 +176,15 @@ def test_a_rate_with_errors_or_no_answers_is_past_the_knee() -> None:
     assert knee(points) == 1.0
     points[1] = _load_point("embedpipe", 4.0, 0.0, math.nan)
     assert knee(points) == 1.0
+
+
+def test_fresh_texts_never_repeat_a_text_within_a_run() -> None:
+    texts = FreshTexts(("a", "b", "c"))
+    assert texts.take(2) == ["a", "b"]
+    assert texts.take(5) == ["c", "(1) a", "(1) b", "(1) c", "(2) a"]
+
+
+def test_a_plan_can_be_trimmed_to_fewer_clients() -> None:
+    trimmed = FULL.up_to(32)
+    assert max(trimmed.single_clients) == max(trimmed.batch_clients) == 32
+    assert trimmed.offered_rates == FULL.offered_rates
