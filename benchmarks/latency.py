@@ -228,7 +228,7 @@ async def run_open_loop(
             try:
                 async with session.post(url, data=body, headers=headers) as reply:
                     await reply.read()
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, TimeoutError):  # refused, reset, or no answer in time
                 errors += 1
                 return
             if reply.status != 200:
@@ -256,6 +256,26 @@ class LoadPoint:
     errors: int = 0
 
 
+MIN_REQUESTS_PER_RATE = 20
+SATURATED = 0.9  # answered per second under this share of the offered rate: saturated
+
+
+def requests_at(rate: float, seconds: float) -> int:
+    """How many requests one offered rate sends: ``seconds`` of them, at least 20."""
+    return max(MIN_REQUESTS_PER_RATE, int(rate * seconds))
+
+
+def load_point(url: str, texts: Sequence[str], rate: float, *, poisson: bool = True) -> LoadPoint:
+    """``texts`` sent open loop at ``rate`` requests/s: what was answered, and how fast."""
+    run = asyncio.run(run_open_loop(url, texts, rate, poisson=poisson))
+    latency = tuple(quantile_ms(run.latencies, q) if run.latencies else math.nan for q in QUANTILES)
+    return LoadPoint(rate, run.achieved, (latency[0], latency[1], latency[2]), run.errors)
+
+
+def saturated(point: LoadPoint) -> bool:
+    return point.achieved < SATURATED * point.offered
+
+
 def sweep_offered_load(
     url: str,
     texts: Sequence[str],
@@ -269,17 +289,11 @@ def sweep_offered_load(
     points = []
     unsent = iter(texts)
     for rate in rates:
-        chunk = list(itertools.islice(unsent, max(20, int(rate * seconds))))
+        chunk = list(itertools.islice(unsent, requests_at(rate, seconds)))
         if not chunk:
             break
-        run = asyncio.run(run_open_loop(url, chunk, rate, poisson=poisson))
-        latency = tuple(
-            quantile_ms(run.latencies, q) if run.latencies else math.nan for q in QUANTILES
-        )
-        points.append(
-            LoadPoint(rate, run.achieved, (latency[0], latency[1], latency[2]), run.errors)
-        )
-        if run.achieved < 0.9 * rate:
+        points.append(load_point(url, chunk, rate, poisson=poisson))
+        if saturated(points[-1]):
             break
     return points
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from benchmarks.corpus import corpus
-from benchmarks.latency import sweep_offered_load
+from benchmarks.latency import load_point, requests_at, saturated
 from benchmarks.load import Outcome, run_batches, run_singles, run_zipf
 from benchmarks.report.plan import Plan
 from benchmarks.report.schema import ConcurrencyPoint, LoadPoint, Quantiles, ZipfPoint
@@ -96,25 +96,25 @@ def _concurrency_point(
 
 
 def offered_load_sweep(targets: Sequence[Target], texts: FreshTexts, plan: Plan) -> list[LoadPoint]:
-    """Open loop at each offered rate, evenly spaced arrivals, until one rate past
-    saturation; every server is sent the same texts."""
-    needed = sum(max(20, int(rate * plan.seconds_per_rate)) for rate in plan.offered_rates)
-    chunk = texts.take(needed)
+    """Open loop at each offered rate, evenly spaced arrivals, every server in turn on the
+    same texts; a server leaves the sweep after the first rate that saturates it."""
     points: list[LoadPoint] = []
-    for target in targets:
-        sweep = sweep_offered_load(
-            target.url, chunk, plan.offered_rates, plan.seconds_per_rate, poisson=False
-        )
-        for point in sweep:
+    active = list(targets)
+    for rate in plan.offered_rates:
+        if not active:
+            break
+        chunk = texts.take(requests_at(rate, plan.seconds_per_rate))
+        for target in list(active):
+            point = load_point(target.url, chunk, rate, poisson=False)
             p50, p95, p99 = point.latency_ms
             console.print(
-                f"  {target.name:16} offered {point.offered:6g}/s answered "
-                f"{point.achieved:7.1f}/s  p99 {p99:8,.0f} ms  errors {point.errors}"
+                f"  {target.name:16} offered {rate:6g}/s answered {point.achieved:7.1f}/s  "
+                f"p99 {p99:8,.0f} ms  errors {point.errors}"
             )
             points.append(
                 LoadPoint(
                     system=target.name,
-                    offered=point.offered,
+                    offered=rate,
                     achieved=point.achieved,
                     errors=point.errors,
                     p50_ms=p50,
@@ -122,6 +122,8 @@ def offered_load_sweep(targets: Sequence[Target], texts: FreshTexts, plan: Plan)
                     p99_ms=p99,
                 )
             )
+            if saturated(point):
+                active.remove(target)
     return points
 
 

@@ -164,8 +164,9 @@ def _offered_load(report: Report) -> list[str]:
         "Open loop: requests are sent at a fixed rate, evenly spaced, whatever the answers do, "
         "one unique text each; a latency counts from the moment the request was due, so a "
         "queue shows as latency. Each rate runs "
-        f"{report['plan'].get('seconds_per_rate', '?')} s (at least 20 requests); a server's "
-        "sweep stops one rate after it answers under 90% of what it is sent. "
+        f"{report['plan'].get('seconds_per_rate', '?')} s (at least 20 requests), the servers "
+        "in turn on the same texts; a server leaves the sweep after the first rate at which it "
+        "answers under 90% of what it is sent. "
         f"Rule: {RULE}.",
         "",
         "| server | knee, requests/s |",

@@ -1,10 +1,9 @@
 """One run: every section in order, on one machine, into one results JSON.
 
 The model-only sections go first, while no server runs (backends, raw ``encode``, start-up
-and memory per backend); then the servers under test start together. The concurrency and
-Zipf sweeps drive them back to back, point by point, so that each comparison is taken under
-the same load from the machine's other tenants; the offered-load sweep runs one server after
-the other (each to its own saturation)."""
+and memory per backend); then the servers under test start together, and every sweep drives
+them back to back, point by point, so that each comparison is taken under the same load from
+the machine's other tenants."""
 
 from __future__ import annotations
 
