@@ -15,7 +15,7 @@ help:  ## list the targets
 $(BIN)/embedpipe: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip==26.3
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 	touch $@
 
 install: $(BIN)/embedpipe  ## create .venv with pinned dependencies
@@ -124,10 +124,37 @@ bench-batch-fairness: install  ## online p50/p95/max alone and beside a 40,960-t
 
 .PHONY: bench-batch-fairness
 
+# Infinity, the peer of `make bench-report`, in a venv of its own: its pins (numpy<2,
+# sentence-transformers<4) cannot live beside embedpipe's. torch first, so that pip keeps that
+# build instead of picking one for infinity's looser `torch>=2.2.1`.
+INFINITY_VENV := .venv-infinity
+
+$(INFINITY_VENV)/bin/infinity_emb:
+	test -x $(INFINITY_VENV)/bin/python || $(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(INFINITY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+	  'infinity-emb[server,torch]==0.0.78' 'sentence-transformers<4' 'transformers<5' \
+	  'huggingface_hub<1.0' 'numpy<2' torch==2.13.0
+
+bench-infinity: $(INFINITY_VENV)/bin/infinity_emb  ## Infinity 0.0.78 (torch engine) in .venv-infinity, for bench-report
+
+.PHONY: bench-infinity
+
+# One run on one machine writes docs/benchmarks/report.json, then docs/benchmarks.md's
+# generated part and docs/benchmarks/*.png. Infinity is measured when it installs; when it
+# cannot, the page says why. REPORT_ARGS=--quick checks the pipeline in a few minutes.
+bench-report: install redis-server-bin  ## the published page: docs/benchmarks.md + plots from one run (~30 min; REPORT_ARGS=--quick)
+	mkdir -p benchmarks/results
+	$(MAKE) bench-infinity > benchmarks/results/infinity-install.log 2>&1 || \
+	  echo "Infinity did not install (benchmarks/results/infinity-install.log); the report goes on without it"
+	$(BIN)/python -m benchmarks.report $(REPORT_ARGS)
+
+.PHONY: bench-report
+
 soak: install redis-server-bin  ## overload storms back to back for EMBEDPIPE_SOAK_SECONDS (600): no 500, memory level
 	EMBEDPIPE_SOAK_SECONDS=$${EMBEDPIPE_SOAK_SECONDS:-600} $(BIN)/pytest -s tests/reliability/test_overload.py
 
 .PHONY: soak
 
 clean:  ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(INFINITY_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -164,9 +164,52 @@ def concurrent_rate(call: Callable[[list[str]], object], batches: list[list[str]
     return sum(map(len, batches)) / (time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class BackendRow:
+    """One backend's speed, and its fidelity to the first (torch fp32)."""
+
+    label: str
+    threads: int
+    rate: float
+    best_rate: float
+    cos_mean: float
+    cos_min: float
+    top10: float  # share of each query's 10 nearest neighbours that torch finds too
+
+
+def backend_rows(contenders: list[Contender], queries: int) -> list[BackendRow]:
+    want = contenders[0].all_vectors()
+    rows = []
+    for contender in contenders:
+        got = contender.all_vectors()
+        similarity = cosines(got, want)
+        rows.append(
+            BackendRow(
+                contender.label,
+                contender.threads,
+                contender.rate,
+                contender.best_rate,
+                float(similarity.mean()),
+                float(similarity.min()),
+                float(neighbour_agreement(got, want, queries)),
+            )
+        )
+    return rows
+
+
+def load_backends(
+    data_dir: Path, cores: int, torch_model: Embedder | None = None
+) -> list[Contender]:
+    """torch (``torch_model`` when given), ONNX fp32 and ONNX int8 on ``cores`` threads,
+    warmed up."""
+    return [
+        Contender("torch", torch_model or _load(data_dir, "torch", cores), cores),
+        Contender("onnx fp32", _load(data_dir, "onnx", cores), cores),
+        Contender("onnx int8", _load(data_dir, "onnx", cores, quantize="int8"), cores),
+    ]
+
+
 def _backends_table(contenders: list[Contender], queries: int) -> Table:
-    reference = contenders[0]
-    want = reference.all_vectors()
     table = Table(
         "backend",
         "threads",
@@ -178,19 +221,18 @@ def _backends_table(contenders: list[Contender], queries: int) -> Table:
         "cos min",
         "top-10",
     )
-    for contender in contenders:
-        got = contender.all_vectors()
-        similarity = cosines(got, want)
+    rows = backend_rows(contenders, queries)
+    for row in rows:
         table.add_row(
-            contender.label,
-            str(contender.threads),
-            f"{contender.rate:,.1f}",
-            f"{contender.rate / reference.rate:.2f}",
-            f"{contender.best_rate:,.1f}",
-            f"{contender.best_rate / reference.best_rate:.2f}",
-            f"{similarity.mean():.5f}",
-            f"{similarity.min():.5f}",
-            f"{neighbour_agreement(got, want, queries):.3f}",
+            row.label,
+            str(row.threads),
+            f"{row.rate:,.1f}",
+            f"{row.rate / rows[0].rate:.2f}",
+            f"{row.best_rate:,.1f}",
+            f"{row.best_rate / rows[0].best_rate:.2f}",
+            f"{row.cos_mean:.5f}",
+            f"{row.cos_min:.5f}",
+            f"{row.top10:.3f}",
         )
     return table
 
@@ -275,11 +317,7 @@ def main() -> None:
 
     console.print(f"loading the backends ({cores} cores; ONNX exports under {data_dir}/onnx)")
     torch_model = _load(data_dir, "torch", cores)
-    contenders = [
-        Contender("torch", torch_model, cores),
-        Contender("onnx fp32", _load(data_dir, "onnx", cores), cores),
-        Contender("onnx int8", _load(data_dir, "onnx", cores, quantize="int8"), cores),
-    ]
+    contenders = load_backends(data_dir, cores, torch_model)
     batches = token_budget_batches(torch_model, texts, args.budget)
     console.print(
         f"{len(texts)} texts in {len(batches)} length-sorted batches of up to {BATCH} texts "

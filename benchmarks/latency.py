@@ -35,7 +35,7 @@ import aiohttp
 import httpx
 
 from benchmarks.corpus import load_corpus
-from benchmarks.load import EMBEDDINGS_PATH, ServerError, drive, embeddings_request, use_uvloop
+from benchmarks.load import EMBEDDINGS_PATH, drive, embeddings_request, use_uvloop
 from tests.server_process import ServerProcess
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -198,59 +198,102 @@ def _goal(raw: Sequence[float], ours: Sequence[float]) -> str:
     return "**met**" if met else "missed"
 
 
+@dataclass(frozen=True)
+class OpenLoopRun:
+    """What one offered rate gave."""
+
+    achieved: float  # good answers per second, until the last answer came
+    latencies: list[float]  # of the good answers, each from its scheduled send time
+    errors: int  # answers other than 200 (a 503 from a full queue) and failed connections
+
+
 async def run_open_loop(
-    url: str, texts: Sequence[str], rate: float, seed: int = 0
-) -> tuple[float, list[float]]:
-    """One uncached text per request, sent at Poisson arrivals of ``rate`` per second whatever
-    the answers do (open loop): the achieved answers per second and each request's latency."""
+    url: str, texts: Sequence[str], rate: float, seed: int = 0, *, poisson: bool = True
+) -> OpenLoopRun:
+    """One uncached text per request, sent at ``rate`` per second whatever the answers do (open
+    loop): Poisson arrivals, or evenly spaced ones with ``poisson=False``. A latency counts from
+    the time the request was due, not from when the client got round to sending it, so a
+    client that falls behind shows as latency instead of hiding the queue (coordinated
+    omission)."""
     gaps = random.Random(seed)
     latencies: list[float] = []
+    errors = 0
     url = url.rstrip("/") + EMBEDDINGS_PATH
     headers = {"content-type": "application/json"}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def one(body: bytes) -> None:
-            started = time.perf_counter()
-            async with session.post(url, data=body, headers=headers) as reply:
-                answer = await reply.read()
+        async def one(body: bytes, due: float) -> None:
+            nonlocal errors
+            try:
+                async with session.post(url, data=body, headers=headers) as reply:
+                    await reply.read()
+            except (aiohttp.ClientError, TimeoutError):  # refused, reset, or no answer in time
+                errors += 1
+                return
             if reply.status != 200:
-                raise ServerError(f"{url} answered {reply.status}: {answer[:300]!r}")
-            latencies.append(time.perf_counter() - started)
+                errors += 1
+                return
+            latencies.append(time.perf_counter() - due)
 
         started = time.perf_counter()
         due = started
         sent: list[asyncio.Task[None]] = []
         for text in texts:
-            due += gaps.expovariate(rate)
+            due += gaps.expovariate(rate) if poisson else 1 / rate
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            sent.append(asyncio.create_task(one(embeddings_request(text, "base64").body)))
+            body = embeddings_request(text, "base64").body
+            sent.append(asyncio.create_task(one(body, due)))
         await asyncio.gather(*sent)
-        return len(texts) / (time.perf_counter() - started), latencies
+        return OpenLoopRun(len(latencies) / (time.perf_counter() - started), latencies, errors)
 
 
 @dataclass(frozen=True)
 class LoadPoint:
     offered: float  # requests per second sent
-    achieved: float  # answers per second
-    latency_ms: tuple[float, float, float]  # p50, p95, p99
+    achieved: float  # good answers per second
+    latency_ms: tuple[float, float, float]  # p50, p95, p99 (nan when nothing was answered)
+    errors: int = 0
+
+
+MIN_REQUESTS_PER_RATE = 20
+SATURATED = 0.9  # answered per second under this share of the offered rate: saturated
+
+
+def requests_at(rate: float, seconds: float) -> int:
+    """How many requests one offered rate sends: ``seconds`` of them, at least 20."""
+    return max(MIN_REQUESTS_PER_RATE, int(rate * seconds))
+
+
+def load_point(url: str, texts: Sequence[str], rate: float, *, poisson: bool = True) -> LoadPoint:
+    """``texts`` sent open loop at ``rate`` requests/s: what was answered, and how fast."""
+    run = asyncio.run(run_open_loop(url, texts, rate, poisson=poisson))
+    latency = tuple(quantile_ms(run.latencies, q) if run.latencies else math.nan for q in QUANTILES)
+    return LoadPoint(rate, run.achieved, (latency[0], latency[1], latency[2]), run.errors)
+
+
+def saturated(point: LoadPoint) -> bool:
+    return point.achieved < SATURATED * point.offered
 
 
 def sweep_offered_load(
-    url: str, texts: Sequence[str], rates: Sequence[float], seconds: float = 6.0
+    url: str,
+    texts: Sequence[str],
+    rates: Sequence[float],
+    seconds: float = 6.0,
+    *,
+    poisson: bool = True,
 ) -> list[LoadPoint]:
     """Latency at each offered rate (each on texts no earlier rate sent), up to saturation:
     the sweep stops after the first rate the server answers at under 90% of what was sent."""
     points = []
     unsent = iter(texts)
     for rate in rates:
-        chunk = list(itertools.islice(unsent, max(20, int(rate * seconds))))
+        chunk = list(itertools.islice(unsent, requests_at(rate, seconds)))
         if not chunk:
             break
-        achieved, latencies = asyncio.run(run_open_loop(url, chunk, rate))
-        latency = tuple(quantile_ms(latencies, q) for q in QUANTILES)
-        points.append(LoadPoint(rate, achieved, (latency[0], latency[1], latency[2])))
-        if achieved < 0.9 * rate:
+        points.append(load_point(url, chunk, rate, poisson=poisson))
+        if saturated(points[-1]):
             break
     return points
 

@@ -142,19 +142,23 @@ def _check(body: bytes, request: Request, url: str) -> None:
 ModelWorkProbe = Callable[[], tuple[int, int]]
 
 
-async def run_batches(url: str, texts: Sequence[str], clients: int = 2) -> Outcome:
+async def run_batches(
+    url: str, texts: Sequence[str], clients: int = 2, request_timeout: float = 300.0
+) -> Outcome:
     """Unique texts, 32 per request, ``clients`` at a time (base64, as the SDK asks)."""
     requests = [
         embeddings_request(list(texts[i : i + 32]), "base64") for i in range(0, len(texts), 32)
     ]
-    seconds, latencies = await drive(url, requests, clients)
+    seconds, latencies = await drive(url, requests, clients, request_timeout=request_timeout)
     return Outcome("batches", len(requests), len(texts), seconds, latencies)
 
 
-async def run_singles(url: str, texts: Sequence[str], clients: int = 64) -> Outcome:
+async def run_singles(
+    url: str, texts: Sequence[str], clients: int = 64, request_timeout: float = 300.0
+) -> Outcome:
     """One unique text per request from ``clients`` concurrent clients."""
     requests = [embeddings_request(text) for text in texts]
-    seconds, latencies = await drive(url, requests, clients)
+    seconds, latencies = await drive(url, requests, clients, request_timeout=request_timeout)
     return Outcome("singles", len(requests), len(texts), seconds, latencies)
 
 

@@ -19,10 +19,8 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import httpx
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from tests.server_process import free_port
+from benchmarks.processes import ChildServer
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -133,7 +131,7 @@ def create_naive_app(redis_url: str) -> FastAPI:
     return app
 
 
-class NaiveServerProcess:
+class NaiveServerProcess(ChildServer):
     """``python -m benchmarks.naive_server`` on a free port, for the benchmark to drive.
 
     >>> with NaiveServerProcess(redis_url, log_path) as naive:
@@ -141,45 +139,9 @@ class NaiveServerProcess:
     """
 
     def __init__(self, redis_url: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._command = [sys.executable, "-m", "benchmarks.naive_server"]
-        self._command += ["--port", str(self.port), "--redis-url", redis_url]
-        self._log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> NaiveServerProcess:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        with self._log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                self._command, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"the naive server exited:\n{self._log_path.read_text()}")
-            try:
-                httpx.get(f"{self.url}/naive/stats", timeout=1.0).raise_for_status()
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.__exit__()
-        raise TimeoutError("the naive server did not start")
-
-    def __exit__(self, *_: object) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-
-    @property
-    def pid(self) -> int:
-        if self._process is None:
-            raise RuntimeError("not started")
-        return self._process.pid
+        command = [sys.executable, "-m", "benchmarks.naive_server"]
+        command += ["--port", "{port}", "--redis-url", redis_url]
+        super().__init__("the naive server", command, "/naive/stats", log_path)
 
     def cache_counts(self) -> tuple[int, int]:
         """(texts served, texts computed by the model) since the start."""
