@@ -15,6 +15,7 @@ import logging
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 
 from embedpipe import metrics
 from embedpipe.batcher import Batcher, MicroBatcher
@@ -28,9 +29,10 @@ from embedpipe.embedders import (
     parse_model_specs,
 )
 from embedpipe.embedders.pairs import pair_text
-from embedpipe.embedders.registry import rerank_method
+from embedpipe.embedders.registry import onnx_export_root, rerank_method
 from embedpipe.inputs import TokenDecoder
 from embedpipe.quantization import Calibration, load_calibration
+from embedpipe.quantization.calibration import RECORDS_DIR
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import Settings
@@ -107,12 +109,18 @@ class Runtime:
                     # Warm up (the first calls allocate and are several times slower than the
                     # rest), then the int8 calibration: on the model's own thread, whose
                     # OpenMP threads serve every call, before the batcher starts. A
-                    # cross-encoder's scores have no output types to calibrate.
+                    # cross-encoder's scores have no output types to calibrate. An ONNX
+                    # model's ranges may have been made ahead, beside its exports.
                     max_tokens = settings.batching.max_batch_tokens
                     await micro.on_model_thread(warm_up, embedder, max_tokens)
                     if embedder.info.task == "embed":
                         calibrations[spec.name] = await micro.on_model_thread(
-                            load_calibration, embedder, settings.data_dir
+                            partial(
+                                load_calibration,
+                                made_ahead=onnx_export_root(settings) / RECORDS_DIR,
+                            ),
+                            embedder,
+                            settings.data_dir,
                         )
                     batcher = micro
                 batchers[spec.name] = batcher
