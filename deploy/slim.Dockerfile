@@ -6,6 +6,7 @@
 #   docker build -f deploy/Dockerfile -t embedpipe .
 #   docker build -f deploy/slim.Dockerfile --build-arg FULL_IMAGE=embedpipe -t embedpipe:slim .
 #
+# (--build-arg ONNX_QUANTIZE=int8 for an image serving the int8 export.)
 # Checked by tests/deploy/test_dockerfile.py (hadolint and the rules below) and built and run
 # for real by `make test-stack` (tests/stack/test_slim.py).
 
@@ -14,17 +15,22 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 # The full image, built first from deploy/Dockerfile: it makes the exports.
 ARG FULL_IMAGE=embedpipe:latest
 
+# What the image serves (EMBEDPIPE_ONNX_QUANTIZE): none = the fp32 export, the torch
+# model's vectors (cosine >= 0.9999); int8 = the int8 export too (72 MB more), served.
+ARG ONNX_QUANTIZE=none
+
 # --- exporter: the ONNX exports of the bundled model, made and checked where torch is ---
 FROM ${FULL_IMAGE} AS exporter
 
-# fp32 (checked against torch: cosine >= 0.9999) and int8 (checked against fp32), each with
-# its provenance and fidelity record (export.json), and each model's int8/uint8 output ranges
+# fp32 (checked against torch), and int8 (checked against fp32) if asked, each with its
+# provenance and fidelity record (export.json), and each model's int8/uint8 output ranges
 # (calibration/): the slim image never exports or calibrates at start. In the home of the
 # full image's unprivileged user, outside its data volume.
+ARG ONNX_QUANTIZE
 ENV EMBEDPIPE_BACKEND=onnx \
+    EMBEDPIPE_ONNX_QUANTIZE=${ONNX_QUANTIZE} \
     EMBEDPIPE_ONNX_EXPORT_DIR=/home/embedpipe/onnx
-RUN embedpipe models \
-    && EMBEDPIPE_ONNX_QUANTIZE=int8 embedpipe models
+RUN embedpipe models
 
 # --- slim-builder: the project's runtime dependencies, without the torch stack ---
 FROM ${PYTHON_IMAGE} AS slim-builder
@@ -59,8 +65,8 @@ RUN groupadd --system --gid 10001 embedpipe \
 COPY --from=slim-builder /opt/venv /opt/venv
 COPY --from=exporter /home/embedpipe/onnx /opt/embedpipe/onnx
 
-# EMBEDPIPE_BACKEND=onnx: the bundled model on its fp32 export (EMBEDPIPE_ONNX_QUANTIZE=int8
-# serves the int8 one); both are found in EMBEDPIPE_ONNX_EXPORT_DIR.
+# The bundled model on the export the build made, found in EMBEDPIPE_ONNX_EXPORT_DIR.
+ARG ONNX_QUANTIZE
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -69,6 +75,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     EMBEDPIPE_PORT=8000 \
     EMBEDPIPE_DATA_DIR=/data \
     EMBEDPIPE_BACKEND=onnx \
+    EMBEDPIPE_ONNX_QUANTIZE=${ONNX_QUANTIZE} \
     EMBEDPIPE_ONNX_EXPORT_DIR=/opt/embedpipe/onnx
 # A setting of the tokenizers library, not a secret (DL3064 matches "TOKEN" in its name).
 # hadolint ignore=DL3064
@@ -78,10 +85,9 @@ ENV TOKENIZERS_PARALLELISM=false
 USER 10001:10001
 WORKDIR /home/embedpipe
 
-# Fail the build, not the first request, if this user cannot serve both exports here, or if
+# Fail the build, not the first request, if this user cannot serve the export here, or if
 # torch or its kin could be imported at all.
 RUN embedpipe models \
-    && EMBEDPIPE_ONNX_QUANTIZE=int8 embedpipe models \
     && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'sentence_transformers')))"
 
 # /data: the cache (embedded mode), batch files and job state.

@@ -141,6 +141,8 @@ def test_the_int8_export_records_its_recipe_and_fidelity_above_the_gate(
     # Smaller than fp32: its weights really are 8-bit.
     fp32_size = (export.parent / export.name.replace("-int8", "-fp32") / "model.onnx").stat()
     assert (export / "model.onnx").stat().st_size < fp32_size.st_size
+    # The smoothed fp32 graph it was quantised from is gone (an image would carry it).
+    assert sorted(path.name for path in export.iterdir()) == ["export.json", "model.onnx"]
 
 
 def test_an_int8_recipe_below_the_gate_is_refused_with_its_figures(
