@@ -30,6 +30,7 @@ from embedpipe.embedders import (
 )
 from embedpipe.embedders.pairs import pair_text
 from embedpipe.embedders.registry import onnx_export_root, rerank_method
+from embedpipe.heap import release_free_heap
 from embedpipe.inputs import TokenDecoder
 from embedpipe.quantization import Calibration, load_calibration
 from embedpipe.quantization.calibration import RECORDS_DIR
@@ -142,6 +143,8 @@ class Runtime:
             # long as the process. Frozen, the cyclic GC stops walking it in every full collection,
             # which took ~0.5 s here with every request stalled behind it.
             gc.freeze()
+            # What loading freed (parsing, graph building, the warm-up's buffers) goes back.
+            release_free_heap()
             return cls(
                 settings=settings,
                 service=service,
