@@ -46,8 +46,12 @@ def warm_up(embedder: Embedder, max_batch_tokens: int) -> None:
     """Run the model before the process says it is ready: a first call allocates and is
     several times slower than the rest, and so is the first call of a larger shape (ONNX
     Runtime grows its memory arena then). So: two short texts, then one full call of the
-    batcher's largest shape (texts at the window, up to the token budget)."""
-    embedder.embed(_warm_up_inputs(embedder.info))
+    batcher's largest shape (texts at the window, up to the token budget). One text alone
+    too: a lone request is the commonest call, and its kernels are other code paths (the
+    first call of each pages them in)."""
+    inputs = _warm_up_inputs(embedder.info)
+    embedder.embed(inputs)
+    embedder.embed(inputs[:1])
     if embedder.info.task == "embed":
         window = embedder.info.max_tokens
         embedder.embed(["warm up " * window] * max(1, max_batch_tokens // window))
