@@ -164,7 +164,7 @@ def test_the_slim_stack_serves_the_reference_models_vectors_and_int8(
         values = np.asarray(item.embedding)
         assert values.shape == (384,) and values.min() >= -128 and values.max() <= 127
     (api,) = slim_stack.containers("api")
-    ((status, stats),) = slim_stack.call(api, "/stats")
+    ((status, stats),) = slim_stack.call(api, "/stats", key=KEYS["main"])
     assert status == 200 and [m["backend"] for m in json.loads(stats)["models"]] == ["onnx"]
     logs = slim_stack.docker.run("logs", api)
     assert "calibrating" not in logs.stdout + logs.stderr  # nothing computed at start
