@@ -72,7 +72,7 @@ stack-bins: install
 
 .PHONY: stack-bins
 
-test-stack: install stack-bins  ## build the images, run deploy/compose.yaml in Docker and drive it (~15 min, root)
+test-stack: install stack-bins  ## build the images (full and slim), run deploy/compose.yaml in Docker and drive it (~20 min, root)
 	$(BIN)/pytest tests/stack
 
 test-unit: install  ## the fast tests only (no Redis, no model, no server)

@@ -116,9 +116,12 @@ def serve(
 @app.command()
 def models() -> None:
     """List the models this configuration serves (loads them, offline; with the onnx
-    backend, makes the exports that are missing: run it ahead of time, e.g. in an image build)."""
+    backend, makes the exports that are missing and their models' int8 ranges beside them:
+    run it ahead of time, e.g. in an image build)."""
     from embedpipe.embedders import load_embedder, parse_model_specs
+    from embedpipe.embedders.registry import onnx_export_root
     from embedpipe.errors import EmbedpipeError
+    from embedpipe.quantization.calibration import RECORDS_DIR, make_ahead
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings()
@@ -130,7 +133,10 @@ def models() -> None:
             info = describe_upstream(spec, settings).info  # no call; dims 0 = not known yet
         else:
             try:
-                info = load_embedder(spec, settings).info
+                embedder = load_embedder(spec, settings)
+                info = embedder.info
+                if spec.backend == "onnx" and info.task == "embed":
+                    make_ahead(embedder, onnx_export_root(settings) / RECORDS_DIR)
             except EmbedpipeError as exc:
                 Console(stderr=True).print(f"[red]error:[/red] {exc.message}", highlight=False)
                 raise typer.Exit(1) from None

@@ -15,6 +15,7 @@ import logging
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 
 from embedpipe import metrics
 from embedpipe.batcher import Batcher, MicroBatcher
@@ -28,9 +29,11 @@ from embedpipe.embedders import (
     parse_model_specs,
 )
 from embedpipe.embedders.pairs import pair_text
-from embedpipe.embedders.registry import rerank_method
+from embedpipe.embedders.registry import onnx_export_root, rerank_method
+from embedpipe.heap import release_free_heap
 from embedpipe.inputs import TokenDecoder
 from embedpipe.quantization import Calibration, load_calibration
+from embedpipe.quantization.calibration import RECORDS_DIR
 from embedpipe.ratelimit import RateLimiter
 from embedpipe.service import EmbeddingService
 from embedpipe.settings import Settings
@@ -43,8 +46,12 @@ def warm_up(embedder: Embedder, max_batch_tokens: int) -> None:
     """Run the model before the process says it is ready: a first call allocates and is
     several times slower than the rest, and so is the first call of a larger shape (ONNX
     Runtime grows its memory arena then). So: two short texts, then one full call of the
-    batcher's largest shape (texts at the window, up to the token budget)."""
-    embedder.embed(_warm_up_inputs(embedder.info))
+    batcher's largest shape (texts at the window, up to the token budget). One text alone
+    too: a lone request is the commonest call, and its kernels are other code paths (the
+    first call of each pages them in)."""
+    inputs = _warm_up_inputs(embedder.info)
+    embedder.embed(inputs)
+    embedder.embed(inputs[:1])
     if embedder.info.task == "embed":
         window = embedder.info.max_tokens
         embedder.embed(["warm up " * window] * max(1, max_batch_tokens // window))
@@ -107,12 +114,18 @@ class Runtime:
                     # Warm up (the first calls allocate and are several times slower than the
                     # rest), then the int8 calibration: on the model's own thread, whose
                     # OpenMP threads serve every call, before the batcher starts. A
-                    # cross-encoder's scores have no output types to calibrate.
+                    # cross-encoder's scores have no output types to calibrate. An ONNX
+                    # model's ranges may have been made ahead, beside its exports.
                     max_tokens = settings.batching.max_batch_tokens
                     await micro.on_model_thread(warm_up, embedder, max_tokens)
                     if embedder.info.task == "embed":
                         calibrations[spec.name] = await micro.on_model_thread(
-                            load_calibration, embedder, settings.data_dir
+                            partial(
+                                load_calibration,
+                                made_ahead=onnx_export_root(settings) / RECORDS_DIR,
+                            ),
+                            embedder,
+                            settings.data_dir,
                         )
                     batcher = micro
                 batchers[spec.name] = batcher
@@ -134,6 +147,8 @@ class Runtime:
             # long as the process. Frozen, the cyclic GC stops walking it in every full collection,
             # which took ~0.5 s here with every request stalled behind it.
             gc.freeze()
+            # What loading freed (parsing, graph building, the warm-up's buffers) goes back.
+            release_free_heap()
             return cls(
                 settings=settings,
                 service=service,

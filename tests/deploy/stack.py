@@ -25,6 +25,9 @@ DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = DEPLOY / "Dockerfile"
+# The slim image (ONNX Runtime, no torch), built from the full one.
+SLIM_DOCKERFILE = DEPLOY / "slim.Dockerfile"
+SLIM_COMPOSE_FILE = DEPLOY / "compose.slim.yaml"
 NGINX_CONF = DEPLOY / "nginx" / "embedpipe.conf"
 
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, $NAME and $$.

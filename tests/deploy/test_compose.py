@@ -27,6 +27,7 @@ from tests.deploy.stack import (
     DOT_ENV_FILE,
     ENV_EXAMPLE,
     NGINX_CONF,
+    SLIM_COMPOSE_FILE,
     MissingVariable,
     compose,
     environment,
@@ -361,3 +362,38 @@ def test_nginx_skips_a_draining_replica_where_a_request_may_be_sent_twice() -> N
     assert "http_503" in stateful and "non_idempotent" not in stateful
     # Never a slow answer sent twice: only within a short time of the first try.
     assert re.search(r"proxy_next_upstream_timeout \d+s;", conf)
+
+
+# --- deploy/compose.slim.yaml: the API replicas and workers on the slim image ---
+
+
+def test_the_slim_override_follows_the_compose_specification() -> None:
+    done = _check_jsonschema(SLIM_COMPOSE_FILE)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_slim_override_puts_only_the_embedpipe_services_on_the_slim_image(
+    stack: dict[str, Any],
+) -> None:
+    text = SLIM_COMPOSE_FILE.read_text()
+    # Its variables are compose.yaml's, with the same defaults: .env.example covers them.
+    full_variables = variables_used(COMPOSE_FILE.read_text())
+    for name, default in variables_used(text).items():
+        assert name in full_variables and default == full_variables[name], name
+    variables = {**read_env_file(), **FIRST_RUN}
+    slim = yaml.safe_load(interpolate(text, variables))
+    assert set(slim["services"]) == set(EMBEDPIPE_SERVICES)
+    for name in EMBEDPIPE_SERVICES:
+        service, full = slim["services"][name], stack["services"][name]
+        assert service["image"] == "embedpipe-slim:local" != full["image"]
+        build = service["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == (
+            DEPLOY / "slim.Dockerfile"
+        )
+        # Built from the image compose.yaml builds, on the same base.
+        assert build["args"]["FULL_IMAGE"] == full["image"]
+        assert build["args"]["PYTHON_IMAGE"] == full["build"]["args"]["PYTHON_IMAGE"]
+        # The replica counts stay compose.yaml's (the same variables).
+        assert str(service["deploy"]["replicas"]) == str(full["deploy"]["replicas"])
+        limit = service["deploy"]["resources"]["limits"]["memory"]
+        assert limit == "1g" and full["deploy"]["resources"]["limits"]["memory"] == "2g"

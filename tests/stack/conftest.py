@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,19 +162,27 @@ class Stack:
     prometheus_url: str
     compose_binary: str
     log_lines: list[str] = field(default_factory=list)
+    up_seconds: float = 0.0
+    # compose.yaml, and the override files laid over it (compose.slim.yaml).
+    files: tuple[str, ...] = ("deploy/compose.yaml",)
 
-    def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    def compose_command(self, *args: str) -> list[str]:
+        files = [item for name in self.files for item in ("--file", name)]
+        return [
+            self.compose_binary,
+            *files,
+            "--env-file",
+            ".env",
+            "--project-name",
+            self.project,
+            *args,
+        ]
+
+    def compose(
+        self, *args: str, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            [
-                self.compose_binary,
-                "--file",
-                "deploy/compose.yaml",
-                "--env-file",
-                ".env",
-                "--project-name",
-                self.project,
-                *args,
-            ],
+            self.compose_command(*args),
             cwd=self.repository,
             env=self.docker.env,
             capture_output=True,
@@ -181,7 +190,8 @@ class Stack:
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
-        assert done.returncode == 0, f"compose {' '.join(args)}:\n{done.stdout}{done.stderr}"
+        if check:
+            assert done.returncode == 0, f"compose {' '.join(args)}:\n{done.stdout}{done.stderr}"
         return done
 
     def containers(self, service: str) -> list[str]:
@@ -259,14 +269,20 @@ def _compose_binary() -> str:
     return located
 
 
-@pytest.fixture(scope="session")
-def stack(
+@contextmanager
+def running_stack(
     docker: Docker,
     repository: Path,
     images: Images,
-    figures: dict[str, str],
     request: pytest.FixtureRequest,
+    figures: dict[str, str],
+    *,
+    project: str,
+    files: tuple[str, ...],
+    scale: dict[str, int],
 ) -> Iterator[Stack]:
+    """``compose up --wait`` of ``files`` with a fresh .env, as the README says; down at the end
+    (with the containers' logs in LOGS when a test failed)."""
     http_port, prometheus_port = free_port(), free_port()
     settings = write_dot_env(
         repository,
@@ -287,51 +303,48 @@ def stack(
     stack = Stack(
         docker=docker,
         repository=repository,
-        project=f"embedpipe-{images.tag}",
+        project=project,
         settings=settings,
         url=f"http://127.0.0.1:{http_port}",
         prometheus_url=f"http://127.0.0.1:{prometheus_port}",
         compose_binary=_compose_binary(),
+        files=files,
     )
     failed_before = request.session.testsfailed
+    scaled = [item for service, n in scale.items() for item in ("--scale", f"{service}={n}")]
     try:
         started = time.monotonic()
         # As the README says, with the images already built (no registry to pull from).
         stack.compose(
-            "up",
-            "--detach",
-            "--wait",
-            "--wait-timeout",
-            "600",
-            "--pull",
-            "never",
-            "--scale",
-            "worker=2",
+            "up", "--detach", "--wait", "--wait-timeout", "600", "--pull", "never", *scaled
         )
-        figures["time to healthy (compose up --wait)"] = f"{time.monotonic() - started:.0f} s"
+        stack.up_seconds = time.monotonic() - started
         yield stack
     finally:
         if request.session.testsfailed > failed_before or os.environ.get("EMBEDPIPE_STACK_LOGS"):
-            logs = subprocess.run(
-                [
-                    stack.compose_binary,
-                    "--file",
-                    "deploy/compose.yaml",
-                    "--env-file",
-                    ".env",
-                    "--project-name",
-                    stack.project,
-                    "logs",
-                    "--no-color",
-                    "--tail",
-                    "200",
-                ],
-                cwd=repository,
-                env=docker.env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            logs = stack.compose("logs", "--no-color", "--tail", "200", timeout=120, check=False)
             LOGS.write_text(logs.stdout + logs.stderr)
             figures["compose logs (a test failed)"] = str(LOGS)
         stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "30")
+
+
+@pytest.fixture(scope="session")
+def stack(
+    docker: Docker,
+    repository: Path,
+    images: Images,
+    figures: dict[str, str],
+    request: pytest.FixtureRequest,
+) -> Iterator[Stack]:
+    with running_stack(
+        docker,
+        repository,
+        images,
+        request,
+        figures,
+        project=f"embedpipe-{images.tag}",
+        files=("deploy/compose.yaml",),
+        scale={"worker": 2},
+    ) as stack:
+        figures["time to healthy (compose up --wait)"] = f"{stack.up_seconds:.0f} s"
+        yield stack

@@ -164,6 +164,24 @@ def build_embedpipe(docker: Docker, repository: Path, images: Images, torch_inde
     images.names["embedpipe"] = name
 
 
+def build_slim(docker: Docker, repository: Path, images: Images) -> float:
+    """deploy/slim.Dockerfile from the full image built before, as the README's two
+    `docker build` lines do; named as deploy/compose.slim.yaml names it. The seconds taken."""
+    name = f"embedpipe-slim:{images.tag}"
+    started = time.monotonic()
+    _build(
+        docker,
+        repository,
+        repository / "deploy" / "slim.Dockerfile",
+        name,
+        PYTHON_IMAGE=images.names["python"],
+        FULL_IMAGE=images.names["embedpipe"],
+    )
+    images.made.append(name)
+    images.names["embedpipe-slim"] = name
+    return time.monotonic() - started
+
+
 def image_bytes(docker: Docker, name: str) -> int:
     return int(docker.run("image", "inspect", "--format", "{{.Size}}", name).stdout)
 

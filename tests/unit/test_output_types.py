@@ -9,7 +9,7 @@ import pytest
 
 from embedpipe.errors import InvalidInput
 from embedpipe.quantization import Calibration, check_output_type, load_calibration, quantize
-from embedpipe.quantization.calibration import calibration_texts, record_name
+from embedpipe.quantization.calibration import calibration_texts, make_ahead, record_name
 from embedpipe.quantization.output_types import to_base64_of_type
 from embedpipe.vectors import truncate
 from tests.fakes import FakeEmbedder, vector_for
@@ -143,3 +143,35 @@ def test_another_model_never_uses_a_record_and_a_broken_record_is_recomputed(
     load_calibration(other, tmp_path)
     assert other.calls
     assert np.load(record).shape == (256, 16)
+
+
+def test_a_record_made_ahead_is_used_at_load_and_never_written_to_the_data_dir(
+    tmp_path: Path,
+) -> None:
+    """``embedpipe models`` makes an ONNX model's ranges beside its exports (an image build),
+    so a process that loads them calibrates nothing and writes nothing at start."""
+    embedder = FakeEmbedder("exported", dimensions=16)
+    made_ahead = tmp_path / "onnx" / "calibration"
+    written = make_ahead(embedder, made_ahead)
+    assert written == made_ahead / record_name(embedder.fingerprint)
+    # Readable by another user than the one that made it (the image's runtime user).
+    assert written.stat().st_mode & 0o777 == 0o644
+    assert made_ahead.stat().st_mode & 0o777 == 0o755
+    assert make_ahead(embedder, made_ahead) is None  # already there: not made again
+
+    embedder.calls.clear()
+    data_dir = tmp_path / "data"
+    loaded = load_calibration(embedder, data_dir, made_ahead=made_ahead)
+    assert embedder.calls == [] and not data_dir.exists()
+    want = np.stack([vector_for(text, 16) for text in calibration_texts()]).astype(np.float16)
+    np.testing.assert_array_equal(loaded.ranges(16), [want.min(axis=0), want.max(axis=0)])
+
+
+def test_a_foreign_record_made_ahead_is_ignored(tmp_path: Path) -> None:
+    embedder = FakeEmbedder("exported", dimensions=16)
+    made_ahead = tmp_path / "calibration"
+    made_ahead.mkdir()
+    np.save(made_ahead / record_name(embedder.fingerprint), np.zeros((3, 16), np.float16))
+    load_calibration(embedder, tmp_path / "data", made_ahead=made_ahead)
+    assert embedder.calls  # computed, and stored under the data dir instead
+    assert (tmp_path / "data" / "calibration" / record_name(embedder.fingerprint)).is_file()

@@ -133,7 +133,33 @@ def quantize_int8(
 def quantize_model(
     source: Path, target: Path, recipe: Int8Recipe, files: ModelFiles, inputs: Sequence[str]
 ) -> None:
-    """Write the int8 graph of the fp32 graph ``source`` to ``target``."""
+    """Write the int8 graph of the fp32 graph ``source`` to ``target``. A smoothed graph is
+    an intermediate file beside ``target``, removed afterwards: the export is ``target``
+    alone (the intermediate is the size of the fp32 graph)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    if not recipe.smooth or recipe.kind == "blockwise":
+        _quantize_graph(model, source, target, recipe, files, inputs)
+        return
+    smooth(model, recipe.smooth, files, inputs)
+    smoothed = target.with_name(f"{target.stem}.smoothed.onnx")
+    try:
+        onnx.save(model, str(smoothed))
+        _quantize_graph(model, smoothed, target, recipe, files, inputs)
+    finally:
+        smoothed.unlink(missing_ok=True)
+
+
+def _quantize_graph(
+    model: Any,
+    source: Path,
+    target: Path,
+    recipe: Int8Recipe,
+    files: ModelFiles,
+    inputs: Sequence[str],
+) -> None:
+    """``quantize_model`` once the graph is ready: ``model`` is loaded from ``source``."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -143,11 +169,6 @@ def quantize_model(
         quantize_static,
     )
 
-    model = onnx.load(str(source))
-    if recipe.smooth and recipe.kind != "blockwise":
-        smooth(model, recipe.smooth, files, inputs)
-        source = target.with_name(f"{target.stem}.smoothed.onnx")
-        onnx.save(model, str(source))
     kept = [
         node.name
         for node in model.graph.node

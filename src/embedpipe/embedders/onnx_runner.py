@@ -95,4 +95,9 @@ def session_options(threads: int, spin: bool) -> Any:
     # loop (tokenising, JSON) that steals the CPU the rest of the request path needs
     # (make bench-backends --threads measures both).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    # No arena: ONNX Runtime's keeps the memory of the largest call ever made (the warm-up's
+    # full batch, ~37 MiB for all-MiniLM-L6-v2) for the life of the process; without it that
+    # memory goes back after each call. Measured in the slim image: the same ms per call at
+    # 1x12, 8x64 and 4x256 tokens, 35 MiB less resident at rest.
+    options.enable_cpu_mem_arena = False
     return options

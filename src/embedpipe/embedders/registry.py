@@ -115,7 +115,7 @@ def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
         return OnnxEmbedder(
             spec.name,
             path,
-            export_root=settings.onnx_export_dir or settings.data_dir / "onnx",
+            export_root=onnx_export_root(settings),
             variant="int8" if settings.onnx_quantize == "int8" else "fp32",
             threads=settings.model_threads or available_cores(),
             expected_sha256=expected_sha256,
@@ -128,6 +128,12 @@ def load_embedder(spec: ModelSpec, settings: Settings) -> Embedder:
         options=options,
         threads=settings.model_threads or available_cores(),
     )
+
+
+def onnx_export_root(settings: Settings) -> Path:
+    """Where ONNX exports are looked for and made, and the int8 ranges of their models made
+    ahead of time (``<root>/calibration``, by ``embedpipe models``)."""
+    return settings.onnx_export_dir or settings.data_dir / "onnx"
 
 
 def available_cores() -> int:

@@ -7,8 +7,12 @@ another model or other weights never use these ranges. It is looked up
 
 1. in the package (``records/<fingerprint>-c<format>.npy``: the bundled model's, so every
    machine and replica gives the same bytes, and start-up costs nothing), then
-2. under the data dir (``<data_dir>/calibration/``: shared by the replicas of a stack), else
-3. computed at load, before the model serves anything (one inference at a time), in fixed
+2. among the records made ahead of time (``made_ahead``: ``embedpipe models`` writes the
+   record of a model on the ONNX backend beside its exports, ``<export dir>/calibration/``,
+   so an image that bakes the exports in bakes their ranges in too and never calibrates at
+   start), then
+3. under the data dir (``<data_dir>/calibration/``: shared by the replicas of a stack), else
+4. computed at load, before the model serves anything (one inference at a time), in fixed
    batches in corpus order, and written there for the next start.
 
 The vectors are kept rather than only the ranges because a vector cut by ``dimensions`` is
@@ -38,6 +42,7 @@ log = logging.getLogger("embedpipe.model")
 # Bump when the corpus or the recipe changes: old records are then left unused.
 RECORD_FORMAT = 1
 CORPUS_FILE = "calibration_corpus.txt"
+RECORDS_DIR = "calibration"
 _BATCH_SIZE = 16
 
 
@@ -100,27 +105,61 @@ def calibrate(embedder: Embedder, limit: int | None = None) -> npt.NDArray[np.fl
     return np.concatenate(batches).astype(np.float16)
 
 
-def load_calibration(embedder: Embedder, data_dir: Path) -> Calibration:
-    """The model's calibration: shipped, stored under ``data_dir``, or computed and stored
-    there (see the module docstring). Call it before the model's batcher starts."""
+def load_calibration(
+    embedder: Embedder, data_dir: Path, *, made_ahead: Path | None = None
+) -> Calibration:
+    """The model's calibration: shipped, made ahead in ``made_ahead``, stored under
+    ``data_dir``, or computed and stored there (see the module docstring). Call it before the
+    model's batcher starts."""
     fingerprint = embedder.fingerprint
-    name = record_name(fingerprint)
-    expected = (len(calibration_texts()), embedder.info.dimensions)
+    found = _recorded(embedder, made_ahead)
+    if found is not None:
+        return Calibration(fingerprint, found)
+    stored = data_dir / RECORDS_DIR / record_name(fingerprint)
+    vectors = _read(stored, _expected_shape(embedder))
+    if vectors is not None:
+        return Calibration(fingerprint, vectors)
+    log.info(
+        "calibrating int8 ranges of %s on %d texts", embedder.info.name, len(calibration_texts())
+    )
+    vectors = calibrate(embedder)
+    _write_atomically(stored, vectors)
+    return Calibration(fingerprint, vectors)
+
+
+def make_ahead(embedder: Embedder, directory: Path) -> Path | None:
+    """Write the model's record into ``directory`` (``load_calibration``'s ``made_ahead``)
+    unless the package ships it or a valid one is there: the path written, or None."""
+    if _recorded(embedder, directory) is not None:
+        return None
+    log.info("calibrating int8 ranges of %s into %s", embedder.info.name, directory)
+    target = directory / record_name(embedder.fingerprint)
+    _write_atomically(target, calibrate(embedder))
+    # Readable by every user (an image's build user is not its runtime user).
+    directory.chmod(0o755)
+    target.chmod(0o644)
+    return target
+
+
+def _expected_shape(embedder: Embedder) -> tuple[int, int]:
+    return len(calibration_texts()), embedder.info.dimensions
+
+
+def _recorded(embedder: Embedder, made_ahead: Path | None) -> npt.NDArray[Any] | None:
+    """The record the package ships, else the one made ahead (None: neither, or not valid)."""
+    name = record_name(embedder.fingerprint)
+    expected = _expected_shape(embedder)
     shipped = resources.files("embedpipe.quantization").joinpath("records", name)
     if shipped.is_file():
         with shipped.open("rb") as handle:
             vectors = _valid(np.load(handle), expected)
         if vectors is not None:
-            return Calibration(fingerprint, vectors)
-    stored = data_dir / "calibration" / name
-    if stored.is_file():
-        vectors = _valid(np.load(stored), expected)
-        if vectors is not None:
-            return Calibration(fingerprint, vectors)
-    log.info("calibrating int8 ranges of %s on %d texts", embedder.info.name, expected[0])
-    vectors = calibrate(embedder)
-    _write_atomically(stored, vectors)
-    return Calibration(fingerprint, vectors)
+            return vectors
+    return _read(made_ahead / name, expected) if made_ahead is not None else None
+
+
+def _read(path: Path, shape: tuple[int, int]) -> npt.NDArray[Any] | None:
+    return _valid(np.load(path), shape) if path.is_file() else None
 
 
 def _valid(vectors: npt.NDArray[Any], shape: tuple[int, int]) -> npt.NDArray[Any] | None:
