@@ -7,6 +7,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from benchmarks.report import goals
 from benchmarks.report.knee import RULE, knee
 from benchmarks.report.plots import PLOTS
 from benchmarks.report.schema import ConcurrencyPoint, Report, StartupRun
@@ -53,6 +54,17 @@ def _opening(section: int, plot: str) -> list[str]:
 def render(report: Report) -> str:
     """The Markdown between the markers."""
     lines = [*_header(report)]
+    lines += [
+        "### Against the goals",
+        "",
+        "Each verdict from this run's numbers below. ONNX fp32 and int8 are compared in one "
+        "process on the micro-batcher's batches (the server adds the same per-request work to "
+        "every backend); memory and start-up are per process (the slim image's own figures are "
+        "in docs/operations.md).",
+        "",
+        *goals.table(report),
+        "",
+    ]
     lines += _concurrency(report)
     lines += _offered_load(report)
     lines += _zipf(report)

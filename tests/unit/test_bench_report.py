@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import page, plots, schema
+from benchmarks.report import goals, page, plots, schema
 from benchmarks.report.knee import knee
 from benchmarks.report.measure import FreshTexts
 from benchmarks.report.plan import FULL, QUICK
@@ -188,3 +188,23 @@ def test_a_plan_can_be_trimmed_to_fewer_clients() -> None:
     trimmed = FULL.up_to(32)
     assert max(trimmed.single_clients) == max(trimmed.batch_clients) == 32
     assert trimmed.offered_rates == FULL.offered_rates
+
+
+def test_each_goal_is_judged_from_the_numbers_and_a_missing_one_is_not_met() -> None:
+    report = _report()
+    by_goal = {verdict.goal: verdict for verdict in goals.verdicts(report)}
+    singles_raw = by_goal["64 clients x 1 text >= 1.0x raw `encode` (batches of 32)"]
+    # embedpipe 10 + 64 = 74 texts/s at 64 clients against raw's 20 in batches.
+    assert singles_raw.met is True and singles_raw.measured.startswith("3.70x")
+    # naive: 20 + 64 = 84 texts/s, more than embedpipe's 74.
+    assert by_goal["64 clients x 1 text >= 1.5x the naive design"].met is False
+    # The hand-made run has no ONNX fp32 row: no verdict, and never "met".
+    assert by_goal["ONNX fp32 and int8 against torch"].met is None
+    assert by_goal["onnx int8: /ready <= 3 s after start"].met is False  # 4 s
+    assert by_goal["onnx fp32: first request after /ready <= 2x steady state"].met is True  # 2x
+    assert by_goal["torch: resident memory with the model loaded <= 400 MiB"].met is True
+    assert by_goal["onnx fp32: resident memory with the model loaded <= 250 MiB"].met is False
+    rendered = page.render(report)
+    assert "| 64 clients x 1 text >= 1.5x the naive design | 0.88x (74.0 / 84.0 texts/s) |" in (
+        rendered
+    )
