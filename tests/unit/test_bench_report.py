@@ -208,3 +208,25 @@ def test_each_goal_is_judged_from_the_numbers_and_a_missing_one_is_not_met() -> 
     assert "| 64 clients x 1 text >= 1.5x the naive design | 0.88x (74.0 / 84.0 texts/s) |" in (
         rendered
     )
+
+
+def test_a_point_a_server_failed_is_shown_as_failed_and_drawn_without_it(tmp_path: Path) -> None:
+    report = _report()
+    report["concurrency"].append(
+        ConcurrencyPoint(
+            system="naive",
+            workload="batches",
+            clients=128,
+            requests=0,
+            texts_per_s=math.nan,
+            requests_per_s=math.nan,
+            p50_ms=math.nan,
+            p95_ms=math.nan,
+            p99_ms=math.nan,
+            failed="http://127.0.0.1:1/v1/embeddings answered 500: b'Internal Server Error'",
+        )
+    )
+    row = "| 128 | - | failed: http://127.0.0.1:1/v1/embeddings answered 500"
+    assert row in page.render(report)
+    written = plots.draw_all(report, tmp_path)
+    assert all(path.stat().st_size > 0 for path in written)
