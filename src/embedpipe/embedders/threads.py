@@ -17,9 +17,10 @@ waits for a partner that is not running (measured under a load average of 10-13 
 of the contended cores instead of two (6.6-12 texts/s in batches against 17-29). libgomp reads
 its spin count once, but spins only ~100 times whenever its threads outnumber the cores. So
 :class:`ThreadGovernor` watches the CPU time the process really gets during each call and,
-while it gets under 60% of its cores, runs the calls on one thread more than the cores (which
-then sleep at once, as PASSIVE did); every 2 s one call on the cores alone tests whether they
-are free again. Nobody has to tune it; ``EMBEDPIPE_MODEL_THREADS`` sets the cores.
+while its calls get under 60% of its cores (a running share over the last calls, so that one
+stalled call does not decide), runs the calls on one thread more than the cores (which then
+sleep at once, as PASSIVE did); every 2 s one call on the cores alone tests whether they are
+free again. Nobody has to tune it; ``EMBEDPIPE_MODEL_THREADS`` sets the cores.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ _FREE_SHARE = 0.8
 _PROBE_EVERY = 2.0
 # Calls shorter than this say little about contention (seconds).
 _MIN_CALL = 0.002
+# Weight of the latest call in the running share. One call alone must not decide: on idle
+# cores a lone call now and then gets under 60% (a stall of its own: 0.45 and 0.55 measured
+# among calls at 0.85-0.97), and each such flip cost the next 2 s of calls ~4 ms each.
+_SHARE_WEIGHT = 0.3
 
 
 def configure_openmp_wait() -> None:
@@ -68,6 +73,8 @@ class ThreadGovernor:
         # does so whenever its threads outnumber the cores), which is sleeping at once.
         self._contended = self._cores + 1
         self._next_probe = 0.0
+        # The running share of the calls on the cores alone: free until calls say otherwise.
+        self._share = 1.0
 
     @property
     def threads(self) -> int:
@@ -93,20 +100,25 @@ class ThreadGovernor:
             self._restore(threads)
             return
         share = cpu / (wall * min(threads, self._cores))
-        if threads == self._cores and share < _CONTENDED_SHARE:
-            if self._threads == self._cores:
-                log.info(
-                    "model threads sleep between regions: the process got %.0f%% of %d cores",
-                    100 * share,
-                    threads,
-                )
-            self._threads = self._contended
-            self._next_probe = time.monotonic() + _PROBE_EVERY
-        elif threads == self._cores and share >= _FREE_SHARE:
-            if self._threads != self._cores:
+        if threads != self._cores:  # a sleeping team's call says nothing about the cores
+            self._restore(threads)
+            return
+        if self._threads != self._cores:  # a probe: it alone decides, every 2 s
+            if share >= _FREE_SHARE:
                 log.info("model threads spin between regions: the cores are free again")
-            self._threads = self._cores
-        elif threads == self._cores:  # a probe that found the cores still partly taken
+                self._threads, self._share = self._cores, share
+            else:  # the cores still partly taken
+                self._next_probe = time.monotonic() + _PROBE_EVERY
+            self._restore(threads)
+            return
+        self._share += _SHARE_WEIGHT * (share - self._share)
+        if self._share < _CONTENDED_SHARE:
+            log.info(
+                "model threads sleep between regions: the process got %.0f%% of %d cores",
+                100 * self._share,
+                threads,
+            )
+            self._threads = self._contended
             self._next_probe = time.monotonic() + _PROBE_EVERY
         self._restore(threads)
 
