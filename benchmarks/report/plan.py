@@ -54,7 +54,7 @@ FULL = Plan(
     raw_texts=256,
     backend_texts=512,
     backend_rounds=2,
-    backend_queries=100,
+    backend_queries=512,  # every text a query, as the int8 export's gate counts top-10
     startup_runs=2,
     startup_requests=40,
 )
