@@ -21,7 +21,7 @@ from embedpipe.cache import TieredCache, VectorCodec, cache_key
 from embedpipe.embedders import ModelInfo, ModelRegistry, ServedModel, Vectors
 from embedpipe.embedders.base import PLAIN, TextForm
 from embedpipe.embedders.tokens import Truncation
-from embedpipe.quantization import Calibration
+from embedpipe.quantization import Calibration, ServedRows
 from embedpipe.settings import CacheSettings
 from embedpipe.tenancy import current_tenant, tenant_namespace
 
@@ -68,12 +68,19 @@ class EmbeddingService:
         self._codec = VectorCodec(cache_settings.store_dtype)
         # A cross-encoder's score is stored exactly: float16 would move it by ~1e-3.
         self._exact = VectorCodec("float32")
+        # int8 and binary rows served lately: a cache hit's row is not quantised again.
+        self._served_rows = ServedRows()
         # Texts being computed right now, by cache key: later requests wait on the same work.
         self._in_flight: dict[str, PendingText] = {}
 
     @property
     def models(self) -> ModelRegistry:
         return self._models
+
+    @property
+    def served_rows(self) -> ServedRows:
+        """Compact rows served lately (the event loop's: pass it to ``served_as``)."""
+        return self._served_rows
 
     @property
     def cache(self) -> TieredCache:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 from embedpipe.batches.budget import BatchBudget
@@ -61,7 +62,9 @@ def new_processor(settings: Settings, runtime: Runtime, store: JobStore) -> Batc
     budget = BatchBudget.from_settings(runtime.limiter, settings)
 
     async def embed(request: EmbeddingRequest) -> dict[str, Any]:
-        prepared = prepare(service, decoder, limits, request)
+        # Not through the service's remembered rows: a dataset's rows are seldom served twice,
+        # and they would push out those of online cache hits.
+        prepared = replace(prepare(service, decoder, limits, request), remembered=None)
         inputs = await prepare_inputs(service, limits, prepared)
         # The chunk runs as its batch's owner (tenancy.serving_tenant): that key pays.
         await budget.charge(current_tenant(), inputs.total_tokens)

@@ -29,6 +29,7 @@ from embedpipe.operations.model_inputs import InputOptions, ModelInputs, model_i
 from embedpipe.quantization import (
     Calibration,
     EmbeddingType,
+    ServedRows,
     check_output_type,
     json_ready,
     served_as,
@@ -99,6 +100,8 @@ class PreparedRequest:
     embedding_type: EmbeddingType = "float32"
     calibration: Calibration | None = None
     options: InputOptions = field(default_factory=InputOptions)
+    # The service's compact rows served lately (None: quantise every time, as batch lines do).
+    remembered: ServedRows | None = None
 
 
 def prepare(
@@ -135,6 +138,7 @@ def prepare(
         request.embedding_type,
         calibration,
         options,
+        service.served_rows,
     )
 
 
@@ -171,7 +175,9 @@ def output_vectors(
     """The result's vectors cut to ``dimensions`` (renormalised), then made ``embedding_type``:
     always in that order, so int8 buckets and sign bits are those of the vector served."""
     vectors = truncate(result.vectors, prepared.dimensions)
-    return served_as(result.model, vectors, embedding_type, prepared.calibration)
+    return served_as(
+        result.model, vectors, embedding_type, prepared.calibration, prepared.remembered
+    )
 
 
 def respond(prepared: PreparedRequest, result: EmbedResult) -> dict[str, Any]:

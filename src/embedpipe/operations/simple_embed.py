@@ -22,7 +22,7 @@ def output_shape(service: EmbeddingService, model: str, embedding_type: Embeddin
     check_output_type(embedding_type, info.dimensions, calibration)
 
     def shape(vectors: npt.NDArray[np.float32]) -> list[npt.NDArray[np.generic]]:
-        rows = served_as(info.name, vectors, embedding_type, calibration)
+        rows = served_as(info.name, vectors, embedding_type, calibration, service.served_rows)
         return [json_ready(row) for row in rows]
 
     return shape

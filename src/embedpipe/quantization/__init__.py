@@ -11,11 +11,13 @@ from embedpipe.quantization.output_types import (
     served_as,
     to_base64_of_type,
 )
+from embedpipe.quantization.served_rows import ServedRows
 
 __all__ = [
     "EMBEDDING_TYPES",
     "Calibration",
     "EmbeddingType",
+    "ServedRows",
     "check_output_type",
     "json_ready",
     "load_calibration",

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from embedpipe import metrics
 from embedpipe.errors import InvalidInput
 from embedpipe.quantization.calibration import Calibration
+from embedpipe.quantization.served_rows import ServedRows
 
 EmbeddingType = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
 EMBEDDING_TYPES: tuple[EmbeddingType, ...] = get_args(EmbeddingType)
@@ -73,10 +74,16 @@ def served_as(
     vectors: npt.NDArray[np.float32],
     embedding_type: EmbeddingType,
     calibration: Calibration | None = None,
+    remembered: ServedRows | None = None,
 ) -> npt.NDArray[np.generic]:
-    """:func:`quantize`, counted in the metrics as vectors served of that type."""
+    """:func:`quantize`, counted in the metrics as vectors served of that type; through
+    ``remembered`` (read-only rows) when given: cache hits serve the same rows again."""
     metrics.EMBEDDING_OUTPUTS.labels(model=model, type=embedding_type).inc(len(vectors))
-    return quantize(vectors, embedding_type, calibration)
+    if remembered is None:
+        return quantize(vectors, embedding_type, calibration)
+    return remembered.served(
+        vectors, embedding_type, calibration, lambda: quantize(vectors, embedding_type, calibration)
+    )
 
 
 def quantize(
