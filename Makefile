@@ -87,6 +87,7 @@ typecheck: install  ## mypy strict
 
 bench: install redis-server-bin  ## raw encode vs embedpipe vs the naive design: texts/s, req/s, latency, hit rates, ratios; rerank pairs/s vs raw CrossEncoder.predict
 	$(BIN)/python -m benchmarks.throughput
+	$(BIN)/python -m benchmarks.output_types
 	$(BIN)/python -m benchmarks.rerank
 
 bench-memory: install redis-server-bin  ## server RSS with a full L1, Redis bytes per cached vector, float16 fidelity
