@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
+from embedpipe.embedders.model_files import plain_copy
 from embedpipe.embedders.tokens import TextTokenizer
 from embedpipe.settings import ModelOptions
 from tests.integration.batch_helpers import read_lines, request_line, submit, wait_for
@@ -258,7 +259,7 @@ def test_long_text_mean_is_the_weighted_mean_of_the_reference_windows(
 ) -> None:
     overlap = ModelOptions().long_text_overlap_tokens  # the default, as the bundled model has
     tokenizer = TextTokenizer(
-        reference_model.tokenizer.backend_tokenizer, 256, overlap_tokens=overlap
+        plain_copy(reference_model.tokenizer.backend_tokenizer), 256, overlap_tokens=overlap
     )
     windows = tokenizer.windows(LONG_TEXT)
     assert len(windows) >= 3
@@ -278,7 +279,7 @@ def test_long_text_mean_with_a_prompt_and_windows_from_the_settings(
 ) -> None:
     reference = prompted_reference["prompted"]
     tokenizer = TextTokenizer(
-        reference.tokenizer.backend_tokenizer,
+        plain_copy(reference.tokenizer.backend_tokenizer),
         256,
         window_tokens=LONG_WINDOW_TOKENS,
         overlap_tokens=LONG_OVERLAP_TOKENS,
@@ -368,7 +369,9 @@ def test_embed_cli_takes_input_type_and_long_text_in_process_and_on_a_server(
     _assert_identical(local[0], reference.encode(texts[0], prompt_name="query"))
     # In process the model has the default long-text windows (no EMBEDPIPE_MODEL_OPTIONS).
     overlap = ModelOptions().long_text_overlap_tokens
-    windows = TextTokenizer(reference.tokenizer.backend_tokenizer, 256, overlap_tokens=overlap)
+    windows = TextTokenizer(
+        plain_copy(reference.tokenizer.backend_tokenizer), 256, overlap_tokens=overlap
+    )
     want, _ = _weighted_mean(reference, windows.windows(LONG_TEXT, "query: "), "query: ")
     _assert_identical(local[1], want)
 

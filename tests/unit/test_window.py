@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer
 
+from embedpipe.embedders.model_files import plain_copy
 from embedpipe.embedders.window import WindowClipper
 
 WINDOW = 256
@@ -65,7 +66,7 @@ def test_the_cut_text_gives_the_same_tokens(
     tokenizer: Any, model_view: Any, left_view: Any, seed: int, side: str
 ) -> None:
     """``right`` keeps a text's start (its first window), ``left`` its end (its last)."""
-    clipper = WindowClipper(tokenizer, WINDOW)
+    clipper = WindowClipper(plain_copy(tokenizer), WINDOW)
     cut_of, view = (clipper.clip, model_view) if side == "right" else (clipper.clip_left, left_view)
     cut_any = False
     for text in _texts(seed):
@@ -77,7 +78,7 @@ def test_the_cut_text_gives_the_same_tokens(
 
 
 def test_the_left_cut_of_a_megabyte_is_a_window_long(tokenizer: Any, left_view: Any) -> None:
-    clipper = WindowClipper(tokenizer, WINDOW)
+    clipper = WindowClipper(plain_copy(tokenizer), WINDOW)
     text = "the beginning " + "The quick brown fox jumps over the lazy dog. " * 24_000 + "the end"
     cut = clipper.clip_left(text)
     assert len(cut) < 5000 and cut.endswith("the end")
@@ -87,13 +88,13 @@ def test_the_left_cut_of_a_megabyte_is_a_window_long(tokenizer: Any, left_view: 
 def test_padding_the_window_with_whitespace_still_gives_the_same_tokens(
     tokenizer: Any, model_view: Any
 ) -> None:
-    clipper = WindowClipper(tokenizer, WINDOW)
+    clipper = WindowClipper(plain_copy(tokenizer), WINDOW)
     text = "start " + " " * 200_000 + "middle " * 300 + "end"
     assert model_view.encode(clipper.clip(text)).ids == model_view.encode(text).ids
 
 
 def test_cutting_costs_the_same_for_a_megabyte_as_for_a_window(tokenizer: Any) -> None:
-    clipper = WindowClipper(tokenizer, WINDOW)
+    clipper = WindowClipper(plain_copy(tokenizer), WINDOW)
     sentence = "The quick brown fox jumps over the lazy dog near the riverbank. "
     short, long = sentence * 500, sentence * 16_000  # 32 KB and 1 MB
     assert len(clipper.clip(long)) == len(clipper.clip(short)) < 5000

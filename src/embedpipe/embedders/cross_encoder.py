@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from embedpipe.embedders.base import PLAIN, ModelInfo, TextForm, Vectors, fingerprint_of
-from embedpipe.embedders.model_files import checked_weights, read_json, token_counter
+from embedpipe.embedders.model_files import (
+    checked_weights,
+    plain_copy,
+    read_json,
+    token_counter,
+)
 from embedpipe.embedders.pairs import pair_text, split_pair
 from embedpipe.embedders.prompts import ModelPrompts
 from embedpipe.embedders.tokens import TextTokenizer, Truncation
@@ -38,7 +43,6 @@ class CrossEncoderScorer:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from sentence_transformers import CrossEncoder
-        from tokenizers import Tokenizer
 
         self._model = CrossEncoder(str(model_dir), device="cpu", local_files_only=True)
         self._model.eval()
@@ -53,10 +57,8 @@ class CrossEncoderScorer:
         tokenizer = self._model.tokenizer
         # Counts pairs as the library truncates them: longest first, at the window.
         self._counter = token_counter(tokenizer.backend_tokenizer, max_tokens)
-        self._clipper = WindowClipper(tokenizer.backend_tokenizer, max_tokens)
-        self._plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self._plain.no_padding()
-        self._plain.no_truncation()
+        self._plain = plain_copy(tokenizer.backend_tokenizer)
+        self._clipper = WindowClipper(self._plain, max_tokens)
         # A clipped text keeps at least this many tokens: the window less a text's specials.
         self._cut_tokens = max_tokens - len(self._plain.encode("").ids)
         activation = self._model.activation_fn

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from embedpipe.embedders.base import PLAIN, TextForm
-from embedpipe.embedders.model_files import token_counter
+from embedpipe.embedders.model_files import plain_copy
 from embedpipe.embedders.prompts import ModelPrompts
 from embedpipe.embedders.tokens import TextTokenizer, Truncation
 from embedpipe.embedders.window import WindowClipper
@@ -37,9 +37,12 @@ class LocalText:
     def _init_text(
         self, tokenizer: Any, max_tokens: int, options: ModelOptions, prompts: ModelPrompts
     ) -> None:
-        self._counter = token_counter(tokenizer, max_tokens)
-        self._clipper = WindowClipper(tokenizer, max_tokens)
-        self._tokens = long_text_tokenizer(tokenizer, max_tokens, options)
+        # One private copy for counting, clipping and windows (~8 MiB each copy).
+        plain = plain_copy(tokenizer)
+        self._max_tokens = max_tokens
+        self._clipper = WindowClipper(plain, max_tokens)
+        self._tokens = long_text_tokenizer(plain, max_tokens, options)
+        self._plain = plain
         self._prompts = prompts
 
     @property
@@ -51,8 +54,10 @@ class LocalText:
         return self._tokens
 
     def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
-        encoded = self._counter.encode_batch([form.prompt + text for text in texts])
-        return [len(encoding.ids) for encoding in encoded]
+        # Counted as the model sees the text: cut at its window (special tokens kept, so a
+        # single text's count is its full count, or the window).
+        encoded = self._plain.encode_batch([form.prompt + text for text in texts])
+        return [min(len(encoding.ids), self._max_tokens) for encoding in encoded]
 
     def clip(self, texts: Sequence[str], truncation: Truncation = "right") -> list[str]:
         cut = self._clipper.clip if truncation == "right" else self._clipper.clip_left

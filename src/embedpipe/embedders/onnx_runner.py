@@ -37,9 +37,9 @@ class OnnxRunner:
         self._files = files
         self._tokenizer = files.tokenizer()
         # truncation_direction "left": a copy cut at the text's start (settings are per object,
-        # and this one is only used on the model's thread).
-        self._left_tokenizer = files.tokenizer()
-        self._left_tokenizer.enable_truncation(max_length=files.max_tokens, direction="left")
+        # and this one is only used on the model's thread), made at the first such request:
+        # each copy costs ~8 MiB resident.
+        self._left_tokenizer: Any = None
         self._inputs = list(inputs)
         self._session = onnxruntime.InferenceSession(
             str(model_path), session_options(threads, spin), providers=["CPUExecutionProvider"]
@@ -53,8 +53,15 @@ class OnnxRunner:
     def features(
         self, texts: Sequence[str], truncation: Truncation = "right"
     ) -> dict[str, np.ndarray]:
-        tokenizer = self._left_tokenizer if truncation == "left" else self._tokenizer
+        tokenizer = self._tokenizer if truncation == "right" else self._cut_at_start()
         return features(tokenizer, self._files, self._inputs, texts)
+
+    def _cut_at_start(self) -> Any:
+        if self._left_tokenizer is None:
+            left = self._files.tokenizer()
+            left.enable_truncation(max_length=self._files.max_tokens, direction="left")
+            self._left_tokenizer = left
+        return self._left_tokenizer
 
     def token_vectors(self, features: dict[str, np.ndarray]) -> np.ndarray:
         feed = {name: features[name] for name in self._inputs}

@@ -2,9 +2,9 @@
 (``truncate: false``), the tokens themselves (``/tokenize``) and a long text's windows
 (``long_text: "mean"``).
 
-It is a private copy of the model's Rust tokenizer with no padding and no truncation, so its
-settings are never raced by the model thread's ``encode`` (see ``token_counter``); truncation
-is applied to each encoding, on the side asked for.
+It reads a private copy of the model's Rust tokenizer with no padding and no truncation
+(``model_files.plain_copy``), so its settings are never raced by the model thread's ``encode``
+(see ``token_counter``); truncation is applied to each encoding, on the side asked for.
 """
 
 from __future__ import annotations
@@ -20,18 +20,15 @@ LongText = Literal["truncate", "mean"]
 
 
 class TextTokenizer:
-    """``tokenizer``: a ``tokenizers.Tokenizer``; ``max_tokens``: the model's window;
+    """``tokenizer``: a ``tokenizers.Tokenizer`` without padding and truncation, only read
+    here (``plain_copy``, which may be shared); ``max_tokens``: the model's window;
     ``window_tokens`` and ``overlap_tokens``: a long text's windows (special tokens and prompt
     included), 0 = the model's window."""
 
     def __init__(
         self, tokenizer: Any, max_tokens: int, *, window_tokens: int = 0, overlap_tokens: int = 0
     ) -> None:
-        from tokenizers import Tokenizer
-
-        self._tokenizer = Tokenizer.from_str(tokenizer.to_str())
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
+        self._tokenizer = tokenizer
         self.max_tokens = max_tokens
         # [CLS] and [SEP] for BERT: what the window holds beyond the text's own tokens.
         self.special_tokens = len(self._tokenizer.encode("").ids)

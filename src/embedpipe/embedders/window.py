@@ -24,7 +24,10 @@ model, truncating on the left, then keeps exactly the tokens it would keep of th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # The longest word WordPiece spells out; a longer one becomes one [UNK] (BERT's default).
 _DEFAULT_MAX_WORD_CHARS = 100
@@ -34,12 +37,9 @@ class WindowClipper:
     """``clip(text)``: the text cut after the last word of the model's window (or as it is)."""
 
     def __init__(self, tokenizer: Any, max_tokens: int) -> None:
-        """``tokenizer``: a ``tokenizers.Tokenizer`` (a private copy is made)."""
-        from tokenizers import Tokenizer
-
-        self._tokenizer = Tokenizer.from_str(tokenizer.to_str())
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
+        """``tokenizer``: a ``tokenizers.Tokenizer`` without padding and truncation, only read
+        here (``model_files.plain_copy``, which may be shared)."""
+        self._tokenizer: Tokenizer = tokenizer
         specials = len(self._tokenizer.encode("").ids)
         self._content_tokens = max(1, max_tokens - specials)
         longest = max((len(t.removeprefix("##")) for t in self._tokenizer.get_vocab()), default=1)
