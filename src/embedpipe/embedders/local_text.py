@@ -39,10 +39,8 @@ class LocalText:
     ) -> None:
         # One private copy for counting, clipping and windows (~8 MiB each copy).
         plain = plain_copy(tokenizer)
-        self._max_tokens = max_tokens
         self._clipper = WindowClipper(plain, max_tokens)
         self._tokens = long_text_tokenizer(plain, max_tokens, options)
-        self._plain = plain
         self._prompts = prompts
 
     @property
@@ -56,8 +54,8 @@ class LocalText:
     def count_tokens(self, texts: Sequence[str], form: TextForm = PLAIN) -> list[int]:
         # Counted as the model sees the text: cut at its window (special tokens kept, so a
         # single text's count is its full count, or the window).
-        encoded = self._plain.encode_batch([form.prompt + text for text in texts])
-        return [min(len(encoding.ids), self._max_tokens) for encoding in encoded]
+        counts = self._tokens.count([form.prompt + text for text in texts])
+        return [min(count, self._tokens.max_tokens) for count in counts]
 
     def clip(self, texts: Sequence[str], truncation: Truncation = "right") -> list[str]:
         cut = self._clipper.clip if truncation == "right" else self._clipper.clip_left

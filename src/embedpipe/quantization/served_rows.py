@@ -7,8 +7,7 @@ and data, and then the int8 pipeline's seven calls took ~29 µs a request (binar
 against float32's nothing. The rows are a pure function of the float32 bytes, the type and
 the model's calibration, so the answer made once is served as long as it is remembered.
 
-Meant for one event loop: without a lock, a thread racing it can at worst make the same rows
-twice.
+Meant for one event loop (no lock): the service's requests use it from there.
 """
 
 from __future__ import annotations
