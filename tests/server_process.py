@@ -87,6 +87,15 @@ class ServerProcess:
         """The value of one sample on /metrics (0 when absent)."""
         return scrape_metric(self.url, name, **labels)
 
+    def wait_for_cache_writes(self, timeout: float = 30.0) -> None:
+        """Until the L2 writes behind this server's answers have landed (an online answer
+        does not wait for its write, so another replica may not see it the same instant)."""
+        deadline = time.monotonic() + timeout
+        while self.metric("embedpipe_cache_writes_pending", tier="l2") > 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"L2 writes still pending on {self.url} after {timeout} s")
+            time.sleep(0.01)
+
 
 def scrape_metric(base_url: str, name: str, **labels: str) -> float:
     """The value of one sample on ``base_url``/metrics (0 when absent)."""

@@ -85,6 +85,12 @@ CACHE_BREAKER_OPEN = Gauge(
     ["tier"],
     multiprocess_mode="livemax",
 )
+CACHE_WRITES_PENDING = Gauge(
+    "embedpipe_cache_writes_pending",
+    "Entries on their way to the cache tier (l2) behind answers already given.",
+    ["tier"],
+    multiprocess_mode="livesum",
+)
 TOKENS = Counter("embedpipe_tokens", "Tokens of the inputs served.", ["model"])
 BATCH_SIZE = Histogram(
     "embedpipe_batch_size",

@@ -352,6 +352,9 @@ class EmbeddingService:
                     for key, item in zip(new_keys, created, strict=True)
                 },
                 tokens=dict(zip(new_keys, new_tokens, strict=True)),
+                # An online answer does not wait for L2 (in L1 already); batch work does, so
+                # a job's writes never outrun the tier.
+                wait=background,
             )
         return list(results), [slot >= 0 for slot in slots]
 

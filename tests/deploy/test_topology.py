@@ -146,6 +146,7 @@ def test_a_vector_computed_by_one_replica_is_a_cache_hit_on_the_other(
     text = "computed by one replica of the stack, served from the cache by the other"
     hits_before = b.metric("embedpipe_embeddings_total", model=MODEL, source="l2")
     first = httpx.post(f"{a.url}/embed", json={"text": text}, timeout=60).json()
+    a.wait_for_cache_writes()
     second = httpx.post(f"{b.url}/embed", json={"text": text}, timeout=60).json()
     assert (first["cached"], second["cached"]) == (False, True)
     assert second["embedding"] == first["embedding"]

@@ -57,6 +57,7 @@ def test_a_vector_computed_by_one_replica_is_a_hit_on_the_other(replicas: Replic
     text = "computed once, served by every replica"
     l2_before = replicas.b.metric("embedpipe_embeddings_total", model=MODEL, source="l2")
     first = _embed(replicas.a, text)
+    replicas.a.wait_for_cache_writes()
     second = _embed(replicas.b, text)
     assert first["cached"] is False
     assert second["cached"] is True

@@ -161,6 +161,12 @@ def test_a_text_embedded_by_one_replica_is_an_l2_hit_on_the_other(stack: Stack) 
     before = replica_metric(stack, second, "embedpipe_embeddings_total", model=MODEL, source="l2")
     ((status, computed),) = stack.call(first, "/v1/embeddings", body, KEYS["main"])
     assert status == 200, computed
+    # The answer does not wait for its L2 write: the other replica asks once it landed.
+    wait_until(
+        "the first replica's cache write",
+        lambda: replica_metric(stack, first, "embedpipe_cache_writes_pending", tier="l2") == 0,
+        timeout=30,
+    )
     ((status, served),) = stack.call(second, "/v1/embeddings", body, KEYS["main"])
     assert status == 200, served
     assert json.loads(served)["data"] == json.loads(computed)["data"]

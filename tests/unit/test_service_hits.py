@@ -92,6 +92,7 @@ async def test_an_l2_hit_is_counted_once_then_served_from_memory(l2: SqliteTier)
     writer.batcher.start()
     try:
         _, written = await writer.embed(["shared text"])
+        await writer.cache.flush()  # the answer did not wait for its L2 write
     finally:
         await writer.batcher.stop()
     reader = Stack(l2)
@@ -125,6 +126,9 @@ async def test_float16_storage_answers_the_same_on_miss_and_hit_in_its_own_keys(
         _, other = await full.embed(["a text to store in half precision"])
         np.testing.assert_array_equal(other[0], exact)
         assert full.embedder.calls == [["a text to store in half precision"]]
+        # Answers do not wait for their L2 writes: the count waits for them.
+        await half.cache.flush()
+        await full.cache.flush()
         stats = await l2.stats()
         assert stats.entries == 2
     finally:
