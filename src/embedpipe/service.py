@@ -166,13 +166,16 @@ class EmbeddingService:
         dimensions: int | None = None,
         background: bool = False,
         form: TextForm = PLAIN,
+        durable: bool = False,
     ) -> EmbedResult:
         """``tokens``: from :meth:`count_tokens` (in the same ``form``) when the caller
         counted already. ``form``: the prompt kept apart and the truncation side.
         ``dimensions``: the size asked for (already checked). A local model's full vector is
         cached and cut to size later; an upstream model computes each size itself, so each
         size is its own cache entry and comes back that size. ``background``: a batch job's
-        texts, which the model computes only while no online text waits."""
+        texts, which the model computes only while no online text waits. An online answer
+        does not wait for its L2 write; a background or ``durable`` one does (a dataset chunk
+        is committed with its vectors in the cache, even if the process dies next)."""
         name = self._models.resolve(model)
         embedder = self._models.get(name)
         sized = _sized(embedder.info, dimensions)
@@ -213,6 +216,7 @@ class EmbeddingService:
                 sized,
                 background,
                 form,
+                wait_for_l2=background or durable,
             )
             if not width:  # nothing was cached: an upstream model's first answer sizes it
                 vectors = np.empty((len(unique_texts), len(computed[0])), dtype=np.float32)
@@ -307,6 +311,7 @@ class EmbeddingService:
         sized: int | None = None,
         background: bool = False,
         form: TextForm = PLAIN,
+        wait_for_l2: bool = False,
     ) -> tuple[list[np.ndarray], list[bool]]:
         """Vectors for cache misses: join work already in flight, queue the rest as one unit.
         Also, per text, whether it joined work in flight (then it counts as ``shared``)."""
@@ -353,8 +358,8 @@ class EmbeddingService:
                 },
                 tokens=dict(zip(new_keys, new_tokens, strict=True)),
                 # An online answer does not wait for L2 (in L1 already); batch work does, so
-                # a job's writes never outrun the tier.
-                wait=background,
+                # that its writes never outrun the tier nor die with the process unwritten.
+                wait=wait_for_l2,
             )
         return list(results), [slot >= 0 for slot in slots]
 

@@ -136,7 +136,7 @@ async def test_batch_work_waits_for_its_writes(sqlite: SqliteTier) -> None:
     assert unpack_many(await sqlite.get_many(["k"])) == [_value(1)]
 
 
-async def test_an_online_answer_does_not_wait_for_l2_and_a_batch_line_does() -> None:
+async def test_an_online_answer_does_not_wait_for_l2_and_batch_work_does() -> None:
     tier = GatedTier()
     embedder = FakeEmbedder(name="fake", dimensions=16)
     registry = ModelRegistry()
@@ -152,9 +152,13 @@ async def test_an_online_answer_does_not_wait_for_l2_and_a_batch_line_does() -> 
         background = asyncio.ensure_future(service.embed("fake", ["a job's"], background=True))
         await asyncio.wait_for(tier.wait_for_writers(2), 30)
         assert not background.done()  # a batch line waits for its write
+        durable = asyncio.ensure_future(service.embed("fake", ["a chunk's"], durable=True))
+        await asyncio.wait_for(tier.wait_for_writers(3), 30)
+        assert not durable.done()  # so does a dataset chunk
         tier.gate.set()
         assert (await asyncio.wait_for(background, 30)).sources == ["computed"]
+        assert (await asyncio.wait_for(durable, 30)).sources == ["computed"]
         await cache.flush()
-        assert len(tier.written) == 2
+        assert len(tier.written) == 3
     finally:
         await batcher.stop()

@@ -169,7 +169,11 @@ async def run_embed_job(
     async def embed_texts(texts: Sequence[str]) -> EmbedResult:
         """As /v1/embeddings embeds them: prompt, window (or windows), cache and model."""
         prepared = await model_inputs(service, model, texts, inputs, request_limits)
-        result = await service.embed(model, prepared.texts, prepared.tokens, form=prepared.form)
+        # durable: a chunk is committed with its vectors in the cache (a rerun after a kill
+        # finds every committed row there).
+        result = await service.embed(
+            model, prepared.texts, prepared.tokens, form=prepared.form, durable=True
+        )
         return prepared.combine(result)
 
     job_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
