@@ -21,7 +21,7 @@ L2 round trip carries up to thousands of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -83,6 +83,11 @@ def pack_many(values: Sequence[bytes]) -> list[bytes]:
         for position, row in zip(np.asarray(positions)[clear], packed, strict=True):
             out[position] = row.tobytes() + trailer
     return out
+
+
+def packed_items(items: Mapping[str, bytes]) -> dict[str, bytes]:
+    """``items`` (key to L1's value) as L2 stores them: the same keys, values packed."""
+    return dict(zip(items, pack_many(list(items.values())), strict=True))
 
 
 def unpack_many(values: Sequence[bytes | None]) -> list[bytes | None]:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from embedpipe.cache.base import CacheTier, TierStats
 from embedpipe.cache.memory import MemoryTier
-from embedpipe.cache.packing import pack_many, unpack_many
+from embedpipe.cache.packing import packed_items, unpack_many
 from embedpipe.cache.write_behind import WriteBehind
 
 Source = Literal["l1", "l2"]
@@ -82,7 +82,7 @@ class TieredCache:
         if not wait and self._behind is not None:
             await self._behind.add(items)
             return
-        await self.l2.set_many(dict(zip(items, pack_many(list(items.values())), strict=True)))
+        await self.l2.set_many(packed_items(items))
 
     @property
     def pending_writes(self) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from embedpipe import metrics
 from embedpipe.cache.base import CacheTier
-from embedpipe.cache.packing import pack_many
+from embedpipe.cache.packing import packed_items
 
 log = logging.getLogger("embedpipe.cache")
 
@@ -72,9 +72,7 @@ class WriteBehind:
             batch, self._unwritten = self._unwritten, {}
             self._writing = len(batch)
             try:
-                await self._l2.set_many(
-                    dict(zip(batch, pack_many(list(batch.values())), strict=True))
-                )
+                await self._l2.set_many(packed_items(batch))
             except Exception:  # the tiers count their own failures; anything else is a bug
                 log.exception("cache write to l2 failed: %d entries not written", len(batch))
             finally:
