@@ -186,6 +186,16 @@ def image_bytes(docker: Docker, name: str) -> int:
     return int(docker.run("image", "inspect", "--format", "{{.Size}}", name).stdout)
 
 
+def copied_layer_bytes(docker: Docker, name: str) -> int:
+    """The bytes of ``name``'s own COPY layers: in the python stand-in, this machine's pip
+    settings and wheel folder, which the official python image does not carry."""
+    done = docker.run(
+        "history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}", name
+    )
+    rows = (line.split("\t", 1) for line in done.stdout.splitlines() if "\t" in line)
+    return sum(int(size) for size, created_by in rows if "COPY" in created_by)
+
+
 @contextmanager
 def removed_afterwards(docker: Docker, images: Images) -> Iterator[Images]:
     try:
