@@ -101,13 +101,15 @@ def _header(report: Report) -> list[str]:
             "to quote.",
             "",
         ]
+    # Runs recorded before the field existed say nothing about it.
+    instructions = machine.get("instructions", "vector instructions not recorded")
     versions_text = ", ".join(f"{name} {version}" for name, version in versions.items())
     took = ", ".join(
         f"{name} {seconds / 60:.1f} min" for name, seconds in report["seconds"].items()
     )
     lines += [
-        f"- Machine: {machine['cpu']}, {cores} cores usable, {machine['memory_gib']:g} GiB "
-        f"of memory, Linux {machine['kernel']}.",
+        f"- Machine: {machine['cpu']} ({instructions}), {cores} cores usable, "
+        f"{machine['memory_gib']:g} GiB of memory, Linux {machine['kernel']}.",
         f"- Date: {machine['started']} to {machine['finished']} (UTC); load average "
         f"{' '.join(map(str, machine['load_start']))} at the start, "
         f"{' '.join(map(str, machine['load_end']))} at the end.",

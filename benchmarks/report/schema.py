@@ -13,6 +13,7 @@ Workload = Literal["singles", "batches"]
 
 class Machine(TypedDict):
     cpu: str
+    instructions: str  # e.g. "AVX2, no VNNI" (environment.vector_instructions)
     cores: int  # usable by this process
     memory_gib: float
     kernel: str

@@ -83,6 +83,7 @@ def _report() -> Report:
         plan=QUICK.as_dict(),
         machine=schema.Machine(
             cpu="Test CPU",
+            instructions="AVX2, no VNNI",
             cores=2,
             memory_gib=24.0,
             kernel="6.1",
@@ -131,7 +132,12 @@ def test_the_page_and_plots_are_rendered_from_the_results(tmp_path: Path) -> Non
         assert f"\n{heading}\n" in rendered, heading
     for name in plots.PLOTS:
         assert f"]({page.IMAGES}/{name})" in rendered, name
-    facts = ("Test CPU", "2026-12-03T08:00:00+00:00", "embedpipe abc123", "A `--quick` run")
+    facts = (
+        "Test CPU (AVX2, no VNNI)",
+        "2026-12-03T08:00:00+00:00",
+        "embedpipe abc123",
+        "A `--quick` run",
+    )
     for fact in (*facts, "throughput against concurrency 10.0 min"):
         assert fact in rendered, fact
     assert "| embedpipe | 16 |" in rendered  # the knee, in its table
