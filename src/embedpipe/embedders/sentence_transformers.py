@@ -105,7 +105,36 @@ class SentenceTransformerEmbedder(LocalText):
 
     def _encode(self, texts: Sequence[str], form: TextForm) -> Vectors:
         """On the model's thread only: ``left`` sets the shared tokenizer's side for this
-        call (counting uses its own copy)."""
+        call (counting uses its own copy).
+
+        What ``SentenceTransformer.encode`` runs for one batch (its length order, its
+        ``preprocess``, the modules, normalisation), the same bits, without what it adds to
+        every call: a walk over all parameters to find the device and an ``eval()`` over
+        all modules, ~1-2.5 ms a call, a lone request's largest cost beside the model
+        (docs/benchmarks.md). ``encode`` itself serves a model that truncates dimensions."""
+        if not texts:
+            return np.empty((0, self._info.dimensions), dtype=np.float32)
+        if self._model.truncate_dim is not None:
+            return self._encode_with_encode(texts, form)
+        import torch
+
+        # encode's order, longest text first (by characters): a row's place in the padded
+        # batch is where encode puts it.
+        order = np.argsort([-len(text) for text in texts])
+        tokenizer = self._model.tokenizer
+        tokenizer.truncation_side = form.truncation
+        try:
+            with torch.inference_mode():
+                features = self._model.preprocess([texts[i] for i in order], prompt=form.prompt)
+                embeddings = self._model(features)["sentence_embedding"]
+                normalized = torch.nn.functional.normalize(embeddings, p=2, dim=1).numpy()
+        finally:
+            tokenizer.truncation_side = "right"
+        vectors = np.empty(normalized.shape, dtype=np.float32)
+        vectors[order] = normalized
+        return vectors
+
+    def _encode_with_encode(self, texts: Sequence[str], form: TextForm) -> Vectors:
         tokenizer = self._model.tokenizer
         tokenizer.truncation_side = form.truncation
         try:
