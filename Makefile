@@ -125,6 +125,11 @@ bench-batch-fairness: install  ## online p50/p95/max alone and beside a 40,960-t
 
 .PHONY: bench-batch-fairness
 
+bench-duty: install  ## singles vs batches: the model's duty, texts per call, ms per text in the server vs raw alone
+	$(BIN)/python -m benchmarks.model_duty --rounds 3
+
+.PHONY: bench-duty
+
 # Infinity, the peer of `make bench-report`, in a venv of its own: its pins (numpy<2,
 # sentence-transformers<4) cannot live beside embedpipe's. torch first, so that pip keeps that
 # build instead of picking one for infinity's looser `torch>=2.2.1`.
