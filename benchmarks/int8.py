@@ -52,6 +52,14 @@ RECIPES = (
         weights="uint8",
     ),
     Int8Recipe("dynamic, smoothed (alpha 0.8), uint8 weights", smooth=0.8, weights="uint8"),
+    # "/output/dense/" (FFN_OUT) also matches the attention's output projection: this keeps
+    # only the FFN's six output projections fp32 (all-MiniLM-L6-v2's layers).
+    Int8Recipe(
+        "dynamic, smoothed (alpha 0.8), only FFN out fp32, uint8 weights",
+        smooth=0.8,
+        keep_fp32=tuple(f"layer.{n}{FFN_OUT}" for n in range(6)),
+        weights="uint8",
+    ),
     Int8Recipe("blockwise 32", kind="blockwise", block_size=32),
     Int8Recipe("blockwise 64", kind="blockwise", block_size=64),
     Int8Recipe("blockwise 128", kind="blockwise", block_size=128),
