@@ -39,7 +39,7 @@ def encoded(model: Any, texts: list[str], form: TextForm) -> np.ndarray:
 @pytest.mark.parametrize(
     "texts",
     [
-        *[[text] for text in load_corpus(12)],
+        *[[text] for text in load_corpus(4)],
         load_corpus(9, 100),
         load_corpus(32, 200),
         # Equal lengths in characters: encode's order among ties decides row places.
