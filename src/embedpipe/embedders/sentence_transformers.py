@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from embedpipe.embedders.local_text import LocalText
 from embedpipe.embedders.model_files import checked_weights, read_json
 from embedpipe.embedders.prompts import merged_prompts
 from embedpipe.embedders.threads import ThreadGovernor
+from embedpipe.embedders.tokens import Truncation
 from embedpipe.errors import InvalidInput, ModelLoadError
 from embedpipe.settings import ModelOptions
 
@@ -121,23 +123,16 @@ class SentenceTransformerEmbedder(LocalText):
         # encode's order, longest text first (by characters): a row's place in the padded
         # batch is where encode puts it.
         order = np.argsort([-len(text) for text in texts])
-        tokenizer = self._model.tokenizer
-        tokenizer.truncation_side = form.truncation
-        try:
-            with torch.inference_mode():
-                features = self._model.preprocess([texts[i] for i in order], prompt=form.prompt)
-                embeddings = self._model(features)["sentence_embedding"]
-                normalized = torch.nn.functional.normalize(embeddings, p=2, dim=1).numpy()
-        finally:
-            tokenizer.truncation_side = "right"
+        with self._cut_from(form.truncation), torch.inference_mode():
+            features = self._model.preprocess([texts[i] for i in order], prompt=form.prompt)
+            embeddings = self._model(features)["sentence_embedding"]
+            normalized = torch.nn.functional.normalize(embeddings, p=2, dim=1).numpy()
         vectors = np.empty(normalized.shape, dtype=np.float32)
         vectors[order] = normalized
         return vectors
 
     def _encode_with_encode(self, texts: Sequence[str], form: TextForm) -> Vectors:
-        tokenizer = self._model.tokenizer
-        tokenizer.truncation_side = form.truncation
-        try:
+        with self._cut_from(form.truncation):
             vectors = self._model.encode(
                 list(texts),
                 # Always explicit: None would apply the model's default_prompt_name behind
@@ -148,6 +143,15 @@ class SentenceTransformerEmbedder(LocalText):
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    @contextmanager
+    def _cut_from(self, side: Truncation) -> Iterator[None]:
+        """The model's own tokenizer cuts long texts at ``side`` for one call, then at the
+        right again (its default, which every other call expects)."""
+        tokenizer = self._model.tokenizer
+        tokenizer.truncation_side = side
+        try:
+            yield
         finally:
             tokenizer.truncation_side = "right"
-        return np.ascontiguousarray(vectors, dtype=np.float32)
