@@ -34,7 +34,7 @@ from typing import Any
 from benchmarks.corpus import load_corpus
 from benchmarks.load import Outcome, run_batches, run_singles, use_uvloop
 from benchmarks.throughput import RawModel, cpu_seconds, machine
-from tests.server_process import ServerProcess, scrape_metric
+from tests.server_process import ServerProcess, metric_value, scrape_metrics
 
 MODEL = "all-MiniLM-L6-v2"
 WORKLOADS: dict[str, Callable[[str, Sequence[str]], Coroutine[Any, Any, Outcome]]] = {
@@ -54,8 +54,10 @@ class ModelCounters:
 
     @classmethod
     def read(cls, url: str) -> ModelCounters:
+        text = scrape_metrics(url)
+
         def value(name: str) -> float:
-            return scrape_metric(url, name, model=MODEL)
+            return metric_value(text, name, model=MODEL)
 
         return cls(
             calls=value("embedpipe_batch_size_count"),
@@ -107,7 +109,9 @@ def generator_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_round(server: ServerProcess, pid: int, workload: str, texts: Sequence[str]) -> Round:
+def run_round(server: ServerProcess, workload: str, texts: Sequence[str]) -> Round:
+    assert server.process is not None
+    pid = server.process.pid
     before, server_before, generator_before = (
         ModelCounters.read(server.url),
         cpu_seconds(pid),
@@ -219,10 +223,9 @@ def main() -> None:
             workdir / "embedpipe.log",
         ).start()
         try:
-            assert server.process is not None
             for n in range(args.rounds):
                 for workload in workloads:
-                    done = run_round(server, server.process.pid, workload, slices[n, workload])
+                    done = run_round(server, workload, slices[n, workload])
                     print(
                         f"  {workload:8} {done.texts_per_second:6.1f} texts/s, duty "
                         f"{done.duty:.0%}, {done.texts_per_call:.1f} texts per call, "

@@ -56,6 +56,7 @@ from benchmarks.load import (
     use_uvloop,
 )
 from benchmarks.naive_server import NaiveServerProcess
+from benchmarks.report.environment import cpu_model
 from tests.redis_server import RedisServer
 from tests.server_process import ServerProcess
 
@@ -251,11 +252,7 @@ def run_all(
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
+    model = cpu_model()
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     return f"{os.cpu_count()} cores ({model}), load average {load}"
 

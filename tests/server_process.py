@@ -99,7 +99,16 @@ class ServerProcess:
 
 def scrape_metric(base_url: str, name: str, **labels: str) -> float:
     """The value of one sample on ``base_url``/metrics (0 when absent)."""
-    text = httpx.get(f"{base_url}/metrics", timeout=5.0).text
+    return metric_value(scrape_metrics(base_url), name, **labels)
+
+
+def scrape_metrics(base_url: str) -> str:
+    """``base_url``/metrics, the exposition text (read once for several samples)."""
+    return httpx.get(f"{base_url}/metrics", timeout=5.0).text
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in an exposition ``text`` (0 when absent)."""
     wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
     for line in text.splitlines():
         if line.startswith("#"):

@@ -20,21 +20,22 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def cpu_model() -> str:
+def cpuinfo(field: str) -> str:
+    """The first CPU's ``field`` in /proc/cpuinfo ("" when absent)."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
+        if line.startswith(field):
             return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+    return ""
+
+
+def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
 def vector_instructions() -> str:
     """The widest vector and int8 dot-product instructions the CPU offers: int8's speed-up
     over fp32 depends on them (VNNI does in one instruction what AVX2 does in three)."""
-    flags: set[str] = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = set(cpuinfo("flags").split())
     widest = next(
         (name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags),
         "no AVX2",
